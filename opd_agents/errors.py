@@ -1,0 +1,41 @@
+"""Typed errors raised by the framework itself.
+
+Broken *model output* never raises: it becomes a ToolResult with an ErrorType inside the trajectory.
+These exceptions are for broken *user input* (configs, model paths, files) and broken infrastructure
+(teacher servers), and each message names the offending thing and what is allowed.
+"""
+
+
+from gymnasium.error import ResetNeeded
+
+
+class OpdError(Exception):
+    """Base class of every error opd-agents raises on purpose."""
+
+
+class ConfigError(OpdError, ValueError):
+    """A config file or value is invalid (unknown key, bad value)."""
+
+
+class ModelLoadError(OpdError, ValueError):
+    """A model path does not exist or is not a causal LM."""
+
+
+class ToolDefinitionError(OpdError, TypeError):
+    """A function cannot be turned into a tool (missing annotations, bad name...)."""
+
+
+class EnvOrderError(OpdError, ResetNeeded):
+    """step() before reset() or after the episode ended (Gymnasium's order-enforcing convention)."""
+
+
+class TrajectoryFileError(OpdError, ValueError):
+    """A trajectory file cannot be read at all (e.g. written by an unsupported schema version)."""
+
+
+class TokenizerMismatchError(OpdError, ValueError):
+    """Teacher and student tokenizers differ and no cross-tokenizer path is configured."""
+
+
+class TeacherError(OpdError, RuntimeError):
+    """A teacher backend failed after its bounded retries (timeout, 5xx, connection refused)."""

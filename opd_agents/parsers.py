@@ -1,0 +1,167 @@
+"""Tool-call parsers: assistant text -> tool calls, parse errors, or a final answer.
+
+Each parser also knows the stop string that closes a call, so the sampler can stop right after it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from opd_agents.tool import shorten
+from opd_agents.types import ToolCall
+
+
+@dataclass
+class ParsedTurn:
+    calls: list[ToolCall] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # one "formatting issue" detail per malformed call
+
+    @property
+    def is_final(self) -> bool:
+        """No call attempted at all: the message is the final answer."""
+        return not self.calls and not self.errors
+
+
+def _call_from_json(raw: str) -> tuple[ToolCall | None, str | None]:
+    try:
+        obj: Any = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON in tool call ({e.msg} at char {e.pos}): {shorten(raw.strip(), 80)}"
+    if not isinstance(obj, dict):
+        return None, f"tool call must be a JSON object, got {type(obj).__name__}"
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        return None, 'tool call is missing a string "name"'
+    if "arguments" not in obj:
+        return None, f'tool call to {name!r} is missing "arguments"'
+    args = obj["arguments"]
+    if isinstance(args, str):  # some models emit arguments as a JSON string (OpenAI wire format)
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None, f'"arguments" of {name!r} is a string that is not valid JSON'
+    if not isinstance(args, dict):
+        return None, f'"arguments" of {name!r} must be a JSON object, got {type(args).__name__}'
+    return ToolCall(name=name, arguments=args), None
+
+
+class ToolCallParser:
+    name: str = ""
+    stop_strings: tuple[str, ...] = ()
+    format_instructions: str = ""
+
+    def parse(self, text: str) -> ParsedTurn:
+        raise NotImplementedError
+
+    def format_call(self, name: str, arguments: dict[str, Any]) -> str:
+        """How an expert (or a test) writes a call in this format."""
+        raise NotImplementedError
+
+
+class HermesParser(ToolCallParser):
+    """Hermes / Qwen: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (the default)."""
+
+    name = "hermes"
+    stop_strings = ("</tool_call>",)
+    format_instructions = (
+        "For each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    )
+    _open, _close = "<tool_call>", "</tool_call>"
+
+    def parse(self, text: str) -> ParsedTurn:
+        out = ParsedTurn()
+        pos = 0
+        while (start := text.find(self._open, pos)) != -1:
+            end = text.find(self._close, start)
+            if end == -1:
+                out.errors.append("unterminated <tool_call> tag (missing </tool_call>)")
+                break
+            call, err = _call_from_json(text[start + len(self._open) : end])
+            out.calls.append(call) if call else out.errors.append(err or "invalid tool call")
+            pos = end + len(self._close)
+        if self._close in text[pos:] or (not out.calls and not out.errors and self._close in text):
+            out.errors.append("</tool_call> without an opening <tool_call>")
+        return out
+
+    def format_call(self, name: str, arguments: dict[str, Any]) -> str:
+        return f"{self._open}\n{json.dumps({'name': name, 'arguments': arguments})}\n{self._close}"
+
+
+class FencedJsonParser(ToolCallParser):
+    """Markdown fenced blocks tagged ``tool_call``: ```tool_call\\n{json}\\n```."""
+
+    name = "fenced_json"
+    stop_strings = ()
+    format_instructions = (
+        "To call a function, write a fenced block tagged tool_call containing a json object:\n"
+        '```tool_call\n{"name": <function-name>, "arguments": <args-json-object>}\n```'
+    )
+    _block = re.compile(r"```tool_call\s*\n(.*?)```", re.S)
+
+    def parse(self, text: str) -> ParsedTurn:
+        out = ParsedTurn()
+        last = 0
+        for m in self._block.finditer(text):
+            call, err = _call_from_json(m.group(1))
+            out.calls.append(call) if call else out.errors.append(err or "invalid tool call")
+            last = m.end()
+        if "```tool_call" in text[last:]:
+            out.errors.append("unterminated ```tool_call block (missing closing ```)")
+        return out
+
+    def format_call(self, name: str, arguments: dict[str, Any]) -> str:
+        return f"```tool_call\n{json.dumps({'name': name, 'arguments': arguments})}\n```"
+
+
+class ReActParser(ToolCallParser):
+    """ReAct: ``Action: <tool>`` then ``Action Input: {json}``; ``Final Answer:`` (or no action) ends."""
+
+    name = "react"
+    stop_strings = ("Observation:",)
+    format_instructions = (
+        "To call a function, write:\nAction: <function-name>\nAction Input: <args-json-object>\n"
+        "When you know the answer, write:\nFinal Answer: <answer>"
+    )
+    _action = re.compile(r"^\s*Action:\s*(.*)$", re.M)
+    _input = re.compile(r"^\s*Action Input:\s*(.*?)(?=^\s*(?:Action:|Observation:|Final Answer:)|\Z)", re.M | re.S)
+
+    def parse(self, text: str) -> ParsedTurn:
+        out = ParsedTurn()
+        actions = list(self._action.finditer(text))
+        for i, m in enumerate(actions):
+            name = m.group(1).strip()
+            segment_end = actions[i + 1].start() if i + 1 < len(actions) else len(text)
+            inp = self._input.search(text, m.end(), segment_end)
+            if not name:
+                out.errors.append("Action: line without a tool name")
+            elif inp is None:
+                out.errors.append(f"Action {name!r} has no 'Action Input:' line")
+            else:
+                call, err = _call_from_json(json.dumps({"name": name, "arguments": _loads_or_raw(inp.group(1))}))
+                out.calls.append(call) if call else out.errors.append(err or "invalid tool call")
+        return out
+
+    def format_call(self, name: str, arguments: dict[str, Any]) -> str:
+        return f"Action: {name}\nAction Input: {json.dumps(arguments)}\n"
+
+
+def _loads_or_raw(raw: str) -> Any:
+    try:
+        return json.loads(raw.strip())
+    except json.JSONDecodeError:
+        return raw.strip()  # reported as "arguments must be a JSON object" by _call_from_json
+
+
+PARSERS: dict[str, type[ToolCallParser]] = {p.name: p for p in (HermesParser, FencedJsonParser, ReActParser)}
+
+
+def get_parser(name: str) -> ToolCallParser:
+    try:
+        return PARSERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown tool-call parser {name!r}; allowed: {sorted(PARSERS)}") from None
