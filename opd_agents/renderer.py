@@ -1,0 +1,109 @@
+"""The message/token boundary, in one place.
+
+A renderer turns the opening messages (+ tool schemas) into prompt ids, and each batch of observation
+messages into the ids appended after a student turn. It never re-tokenizes history: the sampled ids are
+kept verbatim and observation text is tokenized against a fixed special-token prefix and sliced off, so
+no BPE merge can cross the boundary. Its template is ChatML (SmolLM2, Qwen) with a Hermes-style tools
+section, because SmolLM2's own template has none.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from opd_agents.parsers import ToolCallParser
+from opd_agents.types import Message
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+class ChatMLRenderer:
+    """ChatML with tools; tool results go back as ``<tool_response>`` blocks in a user message."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, parser: ToolCallParser) -> None:
+        self.tokenizer = tokenizer
+        self.parser = parser
+        ids = tokenizer.convert_tokens_to_ids([IM_START, IM_END])
+        if any(i is None or i == tokenizer.unk_token_id for i in ids):
+            raise ValueError(f"tokenizer has no {IM_START}/{IM_END} special tokens; ChatMLRenderer needs them")
+        self.im_start_id, self.im_end_id = ids
+        self._im_end_prefix = self._encode(IM_END)
+
+    # ---- text ------------------------------------------------------------------------------------
+    def system_text(self, system: str, tool_schemas: Sequence[dict[str, Any]]) -> str:
+        if not tool_schemas:
+            return system
+        tools = "\n".join(json.dumps(s, ensure_ascii=False) for s in tool_schemas)
+        return (
+            f"{system}\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n"
+            f"</tools>\n\n{self.parser.format_instructions}"
+        )
+
+    def messages_text(self, messages: Sequence[Message], tool_schemas: Sequence[dict[str, Any]] = ()) -> str:
+        """The whole conversation as ChatML text (no trailing assistant header)."""
+        parts: list[str] = []
+        pending_tool: list[str] = []
+
+        def flush_tool() -> None:
+            if pending_tool:
+                body = "\n".join(f"<tool_response>\n{c}\n</tool_response>" for c in pending_tool)
+                parts.append(f"{IM_START}user\n{body}{IM_END}\n")
+                pending_tool.clear()
+
+        for m in messages:
+            if m.role == "tool":  # consecutive tool results share one user block (Qwen convention)
+                pending_tool.append(m.content)
+                continue
+            flush_tool()
+            content = self.system_text(m.content, tool_schemas) if m.role == "system" else m.content
+            parts.append(f"{IM_START}{m.role}\n{content}{IM_END}\n")
+        flush_tool()
+        return "".join(parts)
+
+    def assistant_header(self) -> str:
+        return f"{IM_START}assistant\n"
+
+    # ---- tokens ----------------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prompt_ids(self, messages: Sequence[Message], tool_schemas: Sequence[dict[str, Any]] = ()) -> list[int]:
+        return self._encode(self.messages_text(messages, tool_schemas) + self.assistant_header())
+
+    def observation_ids(self, observations: Sequence[Message], turn_closed: bool) -> list[int]:
+        """Ids appended after a student turn: template glue, the tool results, the next assistant header.
+
+        ``turn_closed``: the turn already ends with the end-of-turn token (else we add it as glue, e.g. when
+        sampling stopped on ``</tool_call>``). The text is tokenized after a fixed ``<|im_end|>`` prefix and
+        the prefix ids are sliced off, so the "\\n" glue the model never generates is tokenized exactly as
+        a full render would.
+        """
+        body = "\n" + self.messages_text(observations) + self.assistant_header()
+        ids = self._encode(IM_END + body)
+        if ids[: len(self._im_end_prefix)] != self._im_end_prefix:
+            raise RuntimeError("tokenizer merged across the end-of-turn token; cannot slice observation ids")
+        ids = ids[len(self._im_end_prefix) :]
+        return ids if turn_closed else [self.im_end_id, *ids]
+
+    def encode_assistant(self, text: str) -> list[int]:
+        """Ids of a turn written as text (expert, teacher): the text, then the end-of-turn token."""
+        return [*self._encode(text), self.im_end_id]
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.im_end_id]
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return self.parser.stop_strings
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Assistant text of a turn, without the end-of-turn token."""
+        if ids and ids[-1] == self.im_end_id:
+            ids = ids[:-1]
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)

@@ -1,0 +1,177 @@
+"""Rollouts are token-exact: stored ids are what was sampled, and their logprobs reproduce."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from opd_agents import EnvLimits, Task, ToolEnv, tool
+from opd_agents.models import load_model
+from opd_agents.parsers import ParsedTurn, ToolCallParser
+from opd_agents.renderer import ChatMLRenderer
+from opd_agents.rollout import Rollout
+from opd_agents.sampler import HFSampler
+from opd_agents.training_view import TrainingView
+from opd_agents.types import SamplingParams, StopReason, ToolCall, Trajectory
+
+
+@tool
+def echo(text: str) -> str:
+    """Echo the text back, reversed.
+
+    Args:
+        text: what to echo
+    """
+    return text[::-1][:40]
+
+
+class EchoEverything(ToolCallParser):
+    """Treats every message as a call to `echo`, so any sampled text continues the episode. Turns also
+    stop on common letters, so even a random tiny model (which never samples <|im_end|>) ends its turns."""
+
+    name = "echo_everything"
+
+    def __init__(self, stop_strings: tuple[str, ...] = tuple("aeiounst")) -> None:
+        self.stop_strings = stop_strings
+
+    def parse(self, text: str) -> ParsedTurn:
+        return ParsedTurn(calls=[ToolCall(name="echo", arguments={"text": text})])
+
+
+class EchoEnv(ToolEnv):
+    """Every turn is a tool call: episodes last exactly max_turns (a real multi-turn episode)."""
+
+    tools = [echo]
+
+    def __init__(self, stop_strings: tuple[str, ...] = tuple("aeiounst"), **kwargs: Any) -> None:
+        super().__init__(parser=EchoEverything(stop_strings), **kwargs)
+
+    def generate_task(self, rng: np.random.Generator, seed: int, split: str) -> Task:
+        words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"], size=int(rng.integers(1, 30))))
+        return Task(id=f"echo-{seed}", seed=seed, split=split, prompt=f"Echo: {words}", answer="")
+
+    def grade(self, task: Task, answer: str) -> float:
+        return 0.0
+
+
+def fresh_logprobs(model: torch.nn.Module, traj: Trajectory) -> tuple[np.ndarray, np.ndarray]:
+    """Logprobs of the stored assistant tokens from one unbatched forward pass over the stored ids."""
+    view = TrainingView.from_trajectory(traj)
+    ids = torch.tensor([view.input_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    pos = [i for i, m in enumerate(view.loss_mask) if m]
+    fresh = np.array([logp[p - 1, view.input_ids[p]].item() for p in pos])
+    recorded = np.array([view.sampling_logprobs[p] for p in pos])
+    return fresh, recorded
+
+
+def make_rollout(model_dir: Any, limits: dict[str, Any], sampling: SamplingParams, batch_size: int = 4,
+                 stop_strings: tuple[str, ...] = tuple("aeiounst")) -> tuple[Rollout, torch.nn.Module, ChatMLRenderer]:
+    model, tok = load_model(model_dir)
+    env_factory = lambda: EchoEnv(stop_strings=stop_strings, limits=limits)  # noqa: E731
+    renderer = ChatMLRenderer(tok, env_factory().parser)
+    rollout = Rollout(HFSampler(model, renderer), env_factory, sampling, batch_size=batch_size)
+    return rollout, model, renderer
+
+
+def test_multi_turn_logprobs_match_fresh_forward(tiny_model_dir: Any) -> None:
+    rollout, model, renderer = make_rollout(
+        tiny_model_dir, {"max_turns": 3}, SamplingParams(temperature=1.0, max_tokens_per_turn=48, seed=0))
+    trajs = rollout.run([0, 1, 2, 3, 4])  # 5 episodes in batches of 4: prompt lengths differ, rows drop out
+    for traj in trajs:
+        assert len(traj.turns) == 3 and traj.stop_reason == StopReason.max_turns and traj.truncated
+        fresh, recorded = fresh_logprobs(model, traj)
+        assert len(fresh) == traj.num_assistant_tokens > 0
+        assert np.abs(fresh - recorded).max() <= 1e-4
+
+
+def test_stored_ids_decode_to_the_rendered_conversation(tiny_model_dir: Any) -> None:
+    rollout, _, renderer = make_rollout(tiny_model_dir, {"max_turns": 2},
+                                        SamplingParams(max_tokens_per_turn=48, seed=1))
+    for traj in rollout.run([7, 8]):
+        ids = TrainingView.from_trajectory(traj).input_ids
+        text = renderer.tokenizer.decode(ids)
+        # Turns cut by the token budget carry no end-of-turn token; the template would add it.
+        expected = renderer.messages_text(traj.messages, traj.tool_schemas)
+        assert text.startswith(renderer.messages_text(traj.messages[:2], traj.tool_schemas))
+        for turn in traj.turns:
+            assert turn.text in text and turn.text in expected
+        assert all(r.name == "echo" and r.ok for t in traj.turns for r in t.tool_results)
+
+
+def test_token_budget_cuts_turn_without_running_tools(tiny_model_dir: Any) -> None:
+    # No stop strings: the random tiny model (which never samples <|im_end|>) runs into the budget.
+    rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 5, "max_tokens_per_turn": 3},
+                                 SamplingParams(max_tokens_per_turn=64, seed=0), stop_strings=())
+    for traj in rollout.run([0, 1, 2]):
+        assert len(traj.turns) == 1
+        last = traj.turns[-1]
+        assert last.finish == "length"
+        assert traj.stop_reason == StopReason.max_tokens and traj.truncated and not traj.terminated
+        assert len(last.token_ids) == 3 and last.tool_results == [] and last.observation_ids == []
+
+
+@pytest.mark.parametrize(("limits", "reason"), [
+    ({"max_total_tokens": 10, "max_tokens_per_turn": 6}, StopReason.max_total_tokens),
+    ({"max_context_tokens": 260}, StopReason.context_overflow),
+])
+def test_episode_limits_end_with_their_stop_reason(tiny_model_dir: Any, limits: dict[str, Any],
+                                                   reason: StopReason) -> None:
+    rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 50, **limits},
+                                 SamplingParams(max_tokens_per_turn=6, seed=0))
+    trajs = rollout.run([0, 1])
+    assert {t.stop_reason for t in trajs} == {reason}
+    for t in trajs:
+        assert t.truncated
+        if reason == StopReason.max_total_tokens:
+            assert t.num_assistant_tokens <= 10
+
+
+def test_finished_episodes_leave_the_batch(tiny_model_dir: Any) -> None:
+    sizes: list[int] = []
+    rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 4}, SamplingParams(max_tokens_per_turn=48, seed=0))
+    original = rollout.sampler.sample_turn
+
+    def spy(batch: Any, chunks: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(chunks))
+        return original(batch, chunks, *args, **kwargs)
+
+    rollout.sampler.sample_turn = spy  # type: ignore[method-assign]
+    rollout.env_factory = lambda: EchoEnv(limits=EnvLimits(max_turns=4))  # noqa: E731
+    trajs = rollout.run([0, 1, 2, 3])
+    assert sizes == [4, 4, 4, 4]
+    # With a per-episode turn limit, episodes drop out while others continue.
+    sizes.clear()
+    turn_limits = iter([1, 2, 3, 4])
+    rollout.env_factory = lambda: EchoEnv(limits=EnvLimits(max_turns=next(turn_limits)))
+    trajs = rollout.run([0, 1, 2, 3])
+    assert sizes == [4, 3, 2, 1]
+    assert [len(t.turns) for t in trajs] == [1, 2, 3, 4]
+
+
+def test_seeded_sampling_is_reproducible(tiny_model_dir: Any) -> None:
+    runs = []
+    for _ in range(2):
+        rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 2}, SamplingParams(max_tokens_per_turn=48, seed=3))
+        runs.append([[t.token_ids for t in tr.turns] for tr in rollout.run([5, 6])])
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.slow
+def test_real_smollm2_multi_turn_logprobs_match(smollm2_dir: Any) -> None:
+    """The issue's proof, on the real SmolLM2-135M-Instruct: a real 4-turn episode, temperature 1."""
+    rollout, model, _ = make_rollout(
+        smollm2_dir, {"max_turns": 4}, SamplingParams(temperature=1.0, max_tokens_per_turn=64, seed=0),
+        stop_strings=(".", "?", "!", ":"))
+    trajs = rollout.run([0, 1, 2])
+    worst = 0.0
+    for traj in trajs:
+        assert len(traj.turns) >= 2
+        fresh, recorded = fresh_logprobs(model, traj)
+        worst = max(worst, float(np.abs(fresh - recorded).max()))
+    print(f"max |logprob(sampling) - logprob(fresh forward)| = {worst:.2e}")
+    assert worst <= 1e-4
