@@ -265,8 +265,9 @@ class ArithmeticEnv(ToolEnv):
         template = templates[int(rng.integers(len(templates)))]
         problem = template(draw, steps)
         answer = steps.values[-1]
-        lines = [f"{i}. {desc}: calculator(\"{expr}\") = {format_number(value)}"
-                 for i, (desc, expr, value) in enumerate(zip(steps.descriptions, steps.expressions, steps.values), 1)]
+        solution = zip(steps.descriptions, steps.expressions, steps.values, strict=True)
+        lines = [f'{i}. {desc}: calculator("{expr}") = {format_number(value)}'
+                 for i, (desc, expr, value) in enumerate(solution, 1)]
         reference = "Worked solution (calculator calls in order):\n" + "\n".join(lines) + f"\nAnswer: {answer}"
         return Task(
             id=f"arithmetic-d{self.difficulty}-{seed}", seed=seed, split=split,

@@ -101,6 +101,47 @@ def rollout(
     console.print(f"wrote {len(trajs)} trajectories to {out}")
 
 
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            fail(ValueError(f"--set expects key=value (e.g. train.steps=10), got {pair!r}"))
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("-c", "--config", help="YAML run config (see configs/)")],
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the last complete checkpoint")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.steps=10")] = None,
+) -> None:
+    """Distil a teacher into the student on a tool environment (on-policy by default)."""
+    from opd_agents.config import load_config
+    from opd_agents.trainer import Trainer
+
+    t0 = time.perf_counter()
+    try:
+        cfg = load_config(config, _parse_overrides(set_ or []))
+        trainer = Trainer(cfg, console)
+        if resume:
+            trainer.resume()
+        summary = trainer.train()
+    except OpdError as e:
+        fail(e)
+    table = Table(title=f"{cfg.env.id} · held-out success ({cfg.eval.episodes} tasks, seed {cfg.seed})")
+    for key, label in (("student_before", "student before"), ("student_after", "student after"),
+                       ("teacher", "teacher")):
+        if key in summary:
+            table.add_row(label, f"{summary[key]:.3f}")
+    table.add_row("wall time", f"{time.perf_counter() - t0:.0f} s")
+    console.print(table)
+    console.print(f"run dir: {cfg.run_dir}  (metrics.jsonl, trajectories.jsonl, checkpoints/)")
+
+
 def main() -> None:
     app()
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from opd_agents.env import EnvLimits
 from opd_agents.errors import ConfigError
+from opd_agents.teacher.base import TeacherConfig
 
 
 class _Strict(BaseModel):
@@ -43,22 +44,21 @@ class SFTTeacherConfig(_Strict):
     lr: float = Field(1e-4, gt=0)
 
 
-class TeacherConfig(_Strict):
-    backend: Literal["hf", "server", "vllm"] = "hf"
+class RunTeacherConfig(TeacherConfig):
+    """The backend settings of ``opd_agents.teacher.TeacherConfig`` plus how the run builds the teacher."""
+
     model: str = "smollm2-135m-instruct"
     privileged: bool = Field(False, description="teacher sees the task's reference solution")
     sft_from_expert: SFTTeacherConfig | None = None
-    api_base: str | None = Field(None, description="server backend: OpenAI-compatible base URL, e.g. http://h:8000/v1")
-    served_name: str | None = Field(None, description="server backend: the served model name")
-    concurrency: int = Field(4, gt=0)
-    timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(3, ge=0)
 
     @model_validator(mode="after")
-    def _server_needs_base(self) -> TeacherConfig:
+    def _server_needs_base(self) -> RunTeacherConfig:
         if self.backend == "server" and not self.api_base:
             raise ValueError("teacher.backend 'server' needs teacher.api_base (e.g. http://127.0.0.1:8000/v1)")
         return self
+
+    def backend_config(self) -> TeacherConfig:
+        return TeacherConfig.model_validate(self.model_dump(exclude={"privileged", "sft_from_expert"}))
 
 
 class LossConfig(_Strict):
@@ -87,7 +87,6 @@ class TrainLoopConfig(_Strict):
     steps: int = Field(40, gt=0)
     tasks_per_step: int = Field(8, gt=0)
     group_size: int = Field(1, gt=0, description="rollouts per task (G); >1 enables GRPO group advantages")
-    grad_accum: int = Field(1, gt=0)
     lr: float = Field(2e-5, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
@@ -107,7 +106,7 @@ class RunConfig(_Strict):
     device: str = "auto"
     env: EnvConfig = Field(default_factory=EnvConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teacher: RunTeacherConfig = Field(default_factory=RunTeacherConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

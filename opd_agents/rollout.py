@@ -32,6 +32,7 @@ class _Episode:
     env: ToolEnv
     traj: Trajectory
     length: int  # tokens in the sequence so far (prompt + turns + observations)
+    prompt: list[int] = field(default_factory=list)  # what the sampler is fed first
     generated: int = 0
     done: bool = False
     env_info: dict[str, Any] = field(default_factory=dict)
@@ -60,7 +61,11 @@ class Rollout:
         batch_size: int = 16,
         turn_hook: TurnHook | None = None,
         env_id: str | None = None,
+        sampling_prompt: Callable[[Trajectory], list[int]] | None = None,
     ) -> None:
+        """``sampling_prompt``: the prompt the policy samples from, if not the stored one (a privileged
+        teacher playing the task sees extra context; the trajectory keeps the plain prompt, so it can be
+        trained on off-policy)."""
         self.sampler = sampler
         self.renderer: ChatMLRenderer = sampler.renderer
         self.env_factory = env_factory
@@ -69,6 +74,7 @@ class Rollout:
         self.batch_size = batch_size
         self.turn_hook = turn_hook
         self.env_id = env_id or "custom"
+        self.sampling_prompt = sampling_prompt
         self._generator = torch.Generator()
         if self.sampling.seed is not None:
             self._generator.manual_seed(self.sampling.seed)
@@ -78,6 +84,10 @@ class Rollout:
     def for_env(cls, env_id: str, sampler: HFSampler, env_kwargs: dict[str, Any] | None = None,
                 **kwargs: Any) -> Rollout:
         return cls(sampler, lambda: make_env(env_id, **(env_kwargs or {})).unwrapped, env_id=env_id, **kwargs)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the sampling RNG (the trainer reseeds per step so a resumed run samples identically)."""
+        self._generator.manual_seed(seed)
 
     def run(self, seeds: Sequence[int], progress: bool = False) -> list[Trajectory]:
         out: list[Trajectory] = []
@@ -100,7 +110,10 @@ class Rollout:
             env_id=self.env_id, task_id=info["task_id"], seed=seed, split=info["split"], model_id=self.model_id,
             sampling=self.sampling, tool_schemas=env.tool_schemas, messages=messages, prompt_ids=prompt_ids,
         )
-        ep = _Episode(env=env, traj=traj, length=len(prompt_ids))
+        ep = _Episode(env=env, traj=traj, length=len(prompt_ids), prompt=prompt_ids)
+        if self.sampling_prompt is not None:
+            ep.prompt = self.sampling_prompt(traj)
+            ep.length = len(ep.prompt)
         if ep.length >= env.limits.max_context_tokens:
             self._end(ep, StopReason.context_overflow, truncated=True)
         return ep
@@ -109,7 +122,7 @@ class Rollout:
         t0 = time.perf_counter()
         episodes = [self._start(s) for s in seeds]
         active = [ep for ep in episodes if not ep.done]
-        chunks = [ep.traj.prompt_ids for ep in active]
+        chunks = [ep.prompt for ep in active]
         batch = self.sampler.new_batch()
         while active:
             budgets = [_token_budget(ep, self.sampling) for ep in active]

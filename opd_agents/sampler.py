@@ -26,7 +26,7 @@ _STOP_TAIL_TOKENS = 8  # how many trailing tokens are decoded to look for a stop
 @dataclass
 class TurnSample:
     token_ids: list[int]
-    logprobs: list[float]  # log pi(token | prefix) at the sampling temperature, before top-p truncation
+    logprobs: list[float]  # log pi(token | prefix) at the sampling temperature (1 if greedy), before top-p
     finish: Finish
 
 
@@ -135,9 +135,12 @@ class HFSampler:
         finish: list[Finish | None] = [None] * rows
         while True:
             live = [i for i in range(rows) if finish[i] is None]
-            scaled = torch.log_softmax(logits / temperature, dim=-1)
-            probs = _top_p_filter(scaled.exp(), top_p) if top_p < 1.0 else scaled.exp()
-            next_ids = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
+            scaled = torch.log_softmax(logits / max(temperature, 1e-8) if temperature > 0 else logits, dim=-1)
+            if temperature == 0:
+                next_ids = scaled.argmax(dim=-1).cpu()
+            else:
+                probs = _top_p_filter(scaled.exp(), top_p) if top_p < 1.0 else scaled.exp()
+                next_ids = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
             for i in live:
                 tok = int(next_ids[i])
                 sampled[i].append(tok)

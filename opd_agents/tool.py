@@ -166,8 +166,9 @@ class Tool:
                 # must be *killed* (code execution) enforce their own limit in a subprocess.
                 out = await asyncio.wait_for(asyncio.to_thread(self, **kwargs), timeout=self.timeout_s)
             text = out if isinstance(out, str) else str(out)  # inside the try: a broken __str__ is reported
-        except (asyncio.TimeoutError, TimeoutError):
-            return result(f"Tool {self.name} timed out after {self.timeout_s}s", ErrorType.timeout)
+        except (asyncio.TimeoutError, TimeoutError) as e:  # ours, or the tool's own (e.g. a killed subprocess)
+            detail = f": {e}" if str(e) else f" after {self.timeout_s}s"
+            return result(f"Tool {self.name} timed out{detail}", ErrorType.timeout)
         except StopEpisode as e:
             return result(shorten(str(e), self.max_output_chars), stop=True)
         except Exception as e:  # noqa: BLE001 - any tool exception is reported to the model

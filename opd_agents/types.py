@@ -79,7 +79,7 @@ class ToolResult(BaseModel):
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy (logprobs then recorded at temperature 1)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens_per_turn: int = Field(256, gt=0)
     seed: int | None = None

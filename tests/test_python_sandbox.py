@@ -142,9 +142,40 @@ def test_monkeypatching_builtins_does_not_disable_the_hook() -> None:
     assert run(code).content == "blocked"
 
 
+def test_the_hook_cannot_be_rewritten_through_its_traceback_frame() -> None:
+    # A refused call leaves the hook's frame in the traceback: its locals must offer nothing to mutate.
+    code = """\
+import os
+try:
+    open('/etc/passwd')
+except PermissionError as e:
+    tb = e.__traceback__
+    while tb.tb_next:
+        tb = tb.tb_next
+    hook_locals = dict(tb.tb_frame.f_locals)
+here = os.getcwd()
+for value in hook_locals.values():
+    try:
+        value.clear()
+    except (AttributeError, TypeError):
+        pass
+    if getattr(value, '__name__', '') == 'resolve':
+        try:
+            value.__defaults__ = (lambda p: here + '/x', lambda: here)
+        except PermissionError:
+            print('defaults refused')
+try:
+    open('/etc/passwd')
+except PermissionError:
+    print('still blocked')
+"""
+    assert run(code).content == "defaults refused\nstill blocked"
+
+
 def test_relative_os_open_writes_need_absolute_paths() -> None:
     # os.open's dir_fd is not visible to the audit hook: a relative write could land in any directory.
-    code = "import os, sys\nfd = os.open(sys.path[1], os.O_RDONLY)\nos.open('evil.py', os.O_WRONLY | os.O_CREAT, dir_fd=fd)"
+    code = ("import os, sys\nfd = os.open(sys.path[1], os.O_RDONLY)\n"
+            "os.open('evil.py', os.O_WRONLY | os.O_CREAT, dir_fd=fd)")
     assert_blocked(run(code), "sandbox: writing 'evil.py'")
 
 

@@ -4,6 +4,7 @@ servers (a fake vLLM backed by the same tiny model, plus failing ones)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -43,11 +44,7 @@ from opd_agents.types import SamplingParams, Trajectory
 # ---- a small multi-turn env, played by its scripted expert and by the tiny model ----------------------
 @tool
 def lookup(key: str) -> str:
-    """Look up the value stored under a key.
-
-    Args:
-        key: the key to look up
-    """
+    """Look up the value stored under a key."""
     return f"{key} = {len(key) * 7}"
 
 
@@ -65,11 +62,8 @@ class LookupEnv(ToolEnv):
         return float(str(task.answer) in answer)
 
     def expert_action(self, task: Task, history: list[Any]) -> str:
-        done = sum(m.role == "tool" for m in history)
-        keys = task.data["keys"]
-        if done < len(keys):
-            return self.parser.format_call("lookup", {"key": keys[done]})
-        return f"The sum is {task.answer}."
+        done, keys = sum(m.role == "tool" for m in history), task.data["keys"]
+        return self.parser.format_call("lookup", {"key": keys[done]}) if done < len(keys) else f"Sum: {task.answer}."
 
 
 def reference_of(traj: Trajectory) -> str:
@@ -113,8 +107,7 @@ def flat(scores: TeacherScores) -> list[float]:
 def test_batched_scores_equal_unpadded_passes(tiny: Any, trajs: list[Trajectory]) -> None:
     model, tok, _ = tiny
     teacher = HFTeacher(model, tok, batch_size=8)
-    scores = teacher.score(trajs)
-    for traj, s in zip(trajs, scores, strict=True):
+    for traj, s in zip(trajs, teacher.score(trajs), strict=True):
         assert [len(x) for x in s.logprobs] == [len(t.token_ids) for t in traj.turns]
         assert s.tokens_processed == traj.num_tokens
         ref = unpadded_logprobs(model, teacher.view, traj)
@@ -136,12 +129,21 @@ def test_one_forward_pass_per_batch(tiny: Any, trajs: list[Trajectory]) -> None:
         handle.remove()
 
 
+def test_trajectory_without_turns_costs_nothing(tiny: Any, trajs: list[Trajectory], fake_server: Any) -> None:
+    model, tok, _ = tiny
+    bare = trajs[0].model_copy(update={"turns": []})
+    fake, api_base = fake_server
+    fake.reset()
+    for teacher in (HFTeacher(model, tok), server_teacher(api_base)):
+        s = teacher.score([bare], top_k=2)[0]
+        assert s.logprobs == s.topk_ids == [] and s.tokens_processed == 0
+    assert fake.requests == 0 and HFTeacher(model, tok).logits_for([bare])[0].shape == (0, len(tok))
+
+
 def test_logits_for_lines_up_with_scores(tiny: Any, trajs: list[Trajectory]) -> None:
     model, tok, _ = tiny
     teacher = HFTeacher(model, tok)
-    logits = teacher.logits_for(trajs)
-    scores = teacher.score(trajs)
-    for traj, lg, s in zip(trajs, logits, scores, strict=True):
+    for traj, lg, s in zip(trajs, teacher.logits_for(trajs), teacher.score(trajs), strict=True):
         targets = torch.tensor([i for t in traj.turns for i in t.token_ids])
         assert lg.shape == (traj.num_assistant_tokens, len(tok)) and not lg.requires_grad
         got = torch.log_softmax(lg, -1).gather(1, targets[:, None]).squeeze(1)
@@ -151,9 +153,8 @@ def test_logits_for_lines_up_with_scores(tiny: Any, trajs: list[Trajectory]) -> 
 def test_train_mode_is_restored_and_ignored(tiny: Any, trajs: list[Trajectory]) -> None:
     model, tok, _ = tiny
     eval_scores = HFTeacher(model, tok).score(trajs[:2])
-    model.train()
     try:
-        train_scores = HFTeacher(model, tok).score(trajs[:2])
+        train_scores = HFTeacher(model.train(), tok).score(trajs[:2])
         assert model.training
     finally:
         model.eval()
@@ -173,10 +174,8 @@ def test_privileged_view_scores_exactly_the_students_tokens(tiny: Any, trajs: li
         # Everything after the prompt (turns + observations) is the student's sequence verbatim.
         assert b.input_ids[shift + len(traj.prompt_ids):] == a.input_ids[len(traj.prompt_ids):]
         assert reference_of(traj) in tok.decode(b.input_ids[: len(traj.prompt_ids) + shift])
-    plain_scores = HFTeacher(model, tok).score(trajs)
     priv_teacher = HFTeacher(model, tok, renderer=renderer, privileged=reference_of)
-    priv_scores = priv_teacher.score(trajs)
-    for traj, p, q in zip(trajs, plain_scores, priv_scores, strict=True):
+    for traj, p, q in zip(trajs, HFTeacher(model, tok).score(trajs), priv_teacher.score(trajs), strict=True):
         assert [len(x) for x in p.logprobs] == [len(x) for x in q.logprobs]
         assert np.abs(np.array(flat(p)) - np.array(flat(q))).max() > 1e-4  # the context matters
         ref = unpadded_logprobs(model, priv_teacher.view, traj)
@@ -213,9 +212,8 @@ def test_apply_scores(tiny: Any, trajs: list[Trajectory]) -> None:
     copies = [t.model_copy(deep=True) for t in trajs[:2]]
     scores = teacher.score_and_apply(copies)
     for traj, s in zip(copies, scores, strict=True):
-        assert traj.teacher_id == "tiny-teacher"
         assert [t.teacher_logprobs for t in traj.turns] == s.logprobs
-        assert all(t.teacher_id == "tiny-teacher" for t in traj.turns)
+        assert traj.teacher_id == "tiny-teacher" and all(t.teacher_id == "tiny-teacher" for t in traj.turns)
     fresh = trajs[0].model_copy(deep=True)
     bad = TeacherScores(logprobs=[x[:-1] for x in scores[0].logprobs])
     with pytest.raises(ValueError, match="teacher logprobs for"):
@@ -228,12 +226,12 @@ def test_tokenizer_check(tiny: Any, tiny_model_dir: Path) -> None:
     check_same_tokenizer(tok, AutoTokenizer.from_pretrained(tiny_model_dir))
     grown = AutoTokenizer.from_pretrained(tiny_model_dir)
     grown.add_tokens(["<extra_tool_token>"])
-    with pytest.raises(TokenizerMismatchError, match="vocab size .*cross-tokenizer"):
+    with pytest.raises(TokenizerMismatchError, match=r"vocab size .*cross-tokenizer"):
         check_same_tokenizer(tok, grown)
-    special = AutoTokenizer.from_pretrained(tiny_model_dir)
-    special.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
-    with pytest.raises(TokenizerMismatchError, match="special tokens"):
-        check_same_tokenizer(tok, special)
+    other_eos = AutoTokenizer.from_pretrained(tiny_model_dir)  # same vocabulary, another end token
+    other_eos.eos_token = "<|endoftext|>" if tok.eos_token != "<|endoftext|>" else "<|im_end|>"
+    with pytest.raises(TokenizerMismatchError, match="eos_token"):
+        check_same_tokenizer(tok, other_eos)
 
 
 def test_make_teacher(tiny: Any, tiny_model_dir: Path, trajs: list[Trajectory]) -> None:
@@ -271,20 +269,16 @@ class FakeVLLM:
         entries: list[dict[str, Any] | None] = [None]
         for p in range(1, len(ids)):
             row = logp[p - 1]
-            e = {str(ids[p]): {"logprob": float(row[ids[p]]), "rank": int((row > row[ids[p]]).sum()) + 1,
-                               "decoded_token": "?"}}
-            vals, top = row.topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
-            for r, (v, i) in enumerate(zip(vals.tolist(), top.tolist(), strict=True)):
-                e[str(i)] = {"logprob": v, "rank": r + 1, "decoded_token": "?"}
-            entries.append(e)
+            ranked = [(ids[p], int((row > row[ids[p]]).sum()) + 1)]  # the actual token, then the top-k
+            ranked += [(i, r + 1) for r, i in enumerate(row.topk(k).indices.tolist() if k else [])]
+            entries.append({str(i): {"logprob": float(row[i]), "rank": r, "decoded_token": "?"} for i, r in ranked})
         choice = {"index": 0, "text": " x", "logprobs": None, "finish_reason": "length", "prompt_logprobs": entries}
         return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "tiny", "choices": [choice],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}}
 
     def handle(self, req: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         with self.lock:
-            self.requests += 1
-            n = self.requests
+            n = self.requests = self.requests + 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -315,22 +309,19 @@ def fake_server(tiny: Any) -> Iterator[tuple[FakeVLLM, str]]:
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             status, body = fake.handle(req)
             data = json.dumps(body).encode()
-            try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client timed out and left
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                pass
 
         def log_message(self, *args: Any) -> None:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server.daemon_threads = True  # a handler still sleeping at teardown must not block the test process
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     yield fake, f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
     server.server_close()
@@ -372,8 +363,7 @@ def test_server_teacher_gives_up_after_max_retries(trajs: list[Trajectory], fake
         server_teacher(api_base, max_retries=2, backoff_s=0.05).score_and_apply(copies)
     assert time.perf_counter() - start < 5.0
     assert fake.requests == 3  # 1 attempt + 2 retries; the openai client's own retries are off
-    msg = str(err.value)
-    assert api_base in msg and "HTTP 500" in msg and "after 3 attempt(s)" in msg
+    assert api_base in str(err.value) and "HTTP 500 after 3 attempt(s)" in str(err.value)
     assert all(t.teacher_logprobs is None for t in copies[0].turns)  # nothing half-written
 
 
@@ -391,8 +381,7 @@ def test_server_teacher_does_not_retry_client_errors(trajs: list[Trajectory], fa
 def test_server_teacher_connection_refused(trajs: list[Trajectory]) -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    api_base = f"http://127.0.0.1:{port}/v1"
+        api_base = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     start = time.perf_counter()
     with pytest.raises(TeacherError, match="connection failed after 3 attempt") as err:
         server_teacher(api_base, max_retries=2).score(trajs[:2])

@@ -18,6 +18,7 @@ A failure of the code raises ``CodeError`` (-> execution_failed), the timeout ra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import os
@@ -61,10 +62,8 @@ def namespace_prefix() -> tuple[str, ...]:
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:  # once reaped, the pgid could belong to someone else
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 async def _read_capped(stream: asyncio.StreamReader, limit: int) -> tuple[bytes, bytes, int]:
@@ -121,7 +120,8 @@ async def run_code(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
         finally:
             _kill_group(proc)  # on timeout, cancellation or error: nothing it started may outlive the call
     if rc != 0:
-        raise CodeError(_error_tail(tail.decode("utf-8", errors="replace")) + _exit_note(rc))
+        note = _exit_note(rc)
+        raise CodeError(_error_tail(tail.decode("utf-8", errors="replace"), ERROR_TAIL_CHARS - len(note)) + note)
     text = head.decode("utf-8", errors="replace").rstrip()  # print()'s final newline is only noise
     if not text:
         return "(no output; print() the values you need)"

@@ -3,15 +3,20 @@
 Started by `tools.python_exec` as ``python -I -S -B -X utf8 sandbox_boot.py <workdir> <memory_mb> <cpu_s>``
 with the working directory as cwd. Stdlib only. The hook is the in-process layer (namespaces, when the
 host allows them, are the OS layer); it is written so user code cannot subvert it: every builtin it uses
-is bound as a default argument (user code may monkeypatch ``builtins``/``os``), it keeps no closure cells
-or globals that a frame could rewrite, and trace/gc/function-code tampering is refused outright.
+is bound as a default argument (user code may monkeypatch ``builtins``/``os``), everything it holds is
+immutable (its frames are reachable through tracebacks), no user code runs inside it, and tracing, gc
+introspection and swapping its helpers' code/defaults are refused.
 """
 
+from __future__ import annotations
+
+import _posixsubprocess
 import os
 import resource
 import sys
 import traceback
 import types
+from collections.abc import Callable
 
 _MiB = 1024 * 1024
 
@@ -32,12 +37,14 @@ _DENY_IMPORTS = frozenset({
 })
 _FUNC_ATTRS = frozenset({"__code__", "__defaults__", "__kwdefaults__"})
 # event -> (indices of path arguments, indices of dir_fd arguments); the path must stay in the workdir.
-_WRITE_EVENTS = {
+# Read-only proxy: the hook's defaults are visible through its frames (tracebacks), so nothing it holds
+# may be mutable.
+_WRITE_EVENTS = types.MappingProxyType({
     "os.mkdir": ((0,), (2,)), "os.rmdir": ((0,), (1,)), "os.remove": ((0,), (1,)),
     "os.rename": ((0, 1), (2, 3)), "os.truncate": ((0,), ()), "os.chmod": ((0,), (2,)),
     "os.chown": ((0,), (3,)), "os.utime": ((0,), (3,)), "os.setxattr": ((0,), ()),
     "os.removexattr": ((0,), ()), "shutil.chown": ((0,), ()),
-}
+})
 _READ_EVENTS = frozenset({"os.listdir", "os.scandir", "os.chdir", "os.listxattr", "os.getxattr"})
 _READ_FILES = frozenset({"/dev/null", "/dev/urandom"})
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -51,8 +58,8 @@ def _set_limits(memory_mb: int, cpu_s: int) -> None:
 
 
 def _neuter_posixsubprocess() -> None:
-    """Keep `import subprocess`/`asyncio` working while its unaudited fork_exec can never run."""
-    import _posixsubprocess
+    """Keep `import subprocess`/`asyncio` working while its unaudited fork_exec can never run (a fresh copy
+    of the module would need an import, which the hook refuses)."""
 
     def fork_exec(*args: object) -> None:
         raise PermissionError("sandbox: starting processes is blocked")
@@ -60,18 +67,21 @@ def _neuter_posixsubprocess() -> None:
     _posixsubprocess.fork_exec = fork_exec
 
 
-def _make_hook(workdir: str, read_roots: tuple[str, ...]):  # noqa: ANN202 - audit hook signature
-    def exact(path, _str=str, _bytes=bytes, _type=type, _isinstance=isinstance):  # noqa: ANN001, ANN202
+def _make_hook(workdir: str, read_roots: tuple[str, ...]) -> Callable[[str, tuple], None]:
+    # Builtins and helpers are bound as defaults (not looked up at call time) and no user code may run
+    # inside the hook: type()/issubclass() on real types, never isinstance() (it consults __class__).
+    def exact(path: object, _str=str, _bytes=bytes, _type=type, _issubclass=issubclass) -> str | None:
         """A str/bytes (or subclass: its overridable methods are never called) as an exact str, else None."""
-        if _type(path) is _str:
+        kind = _type(path)
+        if kind is _str:
             return path
-        if _isinstance(path, _bytes):
+        if _issubclass(kind, _bytes):
             return b"".join((path,)).decode("utf-8", "surrogateescape")
-        if _isinstance(path, _str):
+        if _issubclass(kind, _str):
             return "".join((path,))
         return None
 
-    def resolve(path, _exact=exact, _getcwd=os.getcwd):  # noqa: ANN001, ANN202
+    def resolve(path: object, _exact=exact, _getcwd=os.getcwd) -> str | None:
         """Absolute, lexically normalised form of a path (None when it is not str/bytes)."""
         path = _exact(path)
         if path is None:
@@ -87,21 +97,19 @@ def _make_hook(workdir: str, read_roots: tuple[str, ...]):  # noqa: ANN202 - aud
                 parts.append(seg)
         return "/" + "/".join(parts)
 
-    def under(path, roots):  # noqa: ANN001, ANN202
-        if path is None:
+    def under(path: str | None, roots: tuple[str, ...]) -> bool:
+        if path is None:  # a plain loop, not any(): builtins may be monkeypatched
             return False
         for root in roots:
             if path == root or path.startswith(root + "/"):
                 return True
         return False
 
-    protected: list = []  # filled below; reachable only through the hook's own __defaults__
-
-    def hook(event, args, _deny=_DENY_EVENTS, _prefixes=_DENY_PREFIXES, _imports=_DENY_IMPORTS,  # noqa: ANN001, ANN202, C901, PLR0912
+    def hook(event: str, args: tuple, _deny=_DENY_EVENTS, _prefixes=_DENY_PREFIXES, _imports=_DENY_IMPORTS,
              _func_attrs=_FUNC_ATTRS, _writes=_WRITE_EVENTS, _reads=_READ_EVENTS, _files=_READ_FILES,
              _flags=_WRITE_FLAGS, _exact=exact, _resolve=resolve, _under=under, _w=(workdir,),
-             _r=(workdir, *read_roots), _lib=read_roots, _int=int, _isinstance=isinstance, _err=PermissionError,
-             _protected=protected):
+             _r=(workdir, *read_roots), _lib=read_roots, _int=int, _type=type, _err=PermissionError,
+             _protected=(exact, resolve, under)) -> None:
         if event in _deny or event.startswith(_prefixes):
             raise _err(f"sandbox: {event} is blocked")
         if event == "import":
@@ -114,7 +122,7 @@ def _make_hook(workdir: str, read_roots: tuple[str, ...]):  # noqa: ANN202 - aud
                 raise _err(f"sandbox: loading native module {name!r} from outside the stdlib is blocked")
         elif event == "open":
             path, mode, flags = args
-            if _isinstance(path, _int):  # an fd this process already holds
+            if _type(path) is _int:  # an fd this process already holds
                 return
             full = _resolve(path)
             if flags & _flags:
@@ -126,14 +134,14 @@ def _make_hook(workdir: str, read_roots: tuple[str, ...]):  # noqa: ANN202 - aud
         elif event in _writes:
             path_idx, dirfd_idx = _writes[event]
             for i in dirfd_idx:
-                if _isinstance(args[i], _int) and args[i] >= 0:
+                if _type(args[i]) is _int and args[i] >= 0:
                     raise _err(f"sandbox: {event} with dir_fd is blocked")
             for i in path_idx:
-                if not _isinstance(args[i], _int) and not _under(_resolve(args[i]), _w):
+                if _type(args[i]) is not _int and not _under(_resolve(args[i]), _w):
                     raise _err(f"sandbox: {event} on {args[i]!r} is blocked (outside the working directory)")
         elif event in _reads:
             path = args[0]
-            if path is not None and not _isinstance(path, _int) and not _under(_resolve(path), _r):
+            if path is not None and _type(path) is not _int and not _under(_resolve(path), _r):
                 raise _err(f"sandbox: {event} on {path!r} is blocked (outside the working directory)")
         elif event == "sqlite3.connect":
             db = _exact(args[0])
@@ -142,11 +150,11 @@ def _make_hook(workdir: str, read_roots: tuple[str, ...]):  # noqa: ANN202 - aud
             if db is None or db.startswith("file:") or not _under(_resolve(db), _w):
                 raise _err(f"sandbox: sqlite3 database {args[0]!r} is blocked (outside the working directory)")
         elif event in ("object.__setattr__", "object.__delattr__") and _exact(args[1]) in _func_attrs:
+            # The helpers are reachable from the hook's frame; the hook itself from nowhere (gc is refused).
             for f in _protected:
                 if args[0] is f:
                     raise _err(f"sandbox: changing the sandbox's {args[1]} is blocked")
 
-    protected.extend((hook, resolve, exact, under))
     return hook
 
 
@@ -172,10 +180,10 @@ def main() -> None:
     module.__file__ = "main.py"
     sys.modules["__main__"] = module
     try:
-        exec(compile(source, "main.py", "exec"), module.__dict__)  # noqa: S102 - sandboxed by design
+        exec(compile(source, "main.py", "exec"), module.__dict__)
     except SystemExit:
         raise
-    except BaseException as e:  # noqa: BLE001 - any failure of the user's code is reported, exit 1
+    except BaseException as e:  # any failure of the user's code: report it, exit 1
         _report(e, boot_file)
         sys.exit(1)
 

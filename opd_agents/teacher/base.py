@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
@@ -41,6 +41,14 @@ class TeacherScores:
     topk_ids: list[list[list[int]]] | None = None
     topk_logprobs: list[list[list[float]]] | None = None
     tokens_processed: int = 0  # teacher tokens fed for this trajectory (cost accounting)
+
+    @classmethod
+    def empty(cls, traj: Trajectory, top_k: int = 0) -> TeacherScores:
+        """Scores of a trajectory with no sampled tokens (nothing is fed to the teacher)."""
+        def per_turn() -> list[Any]:
+            return [[] for _ in traj.turns]
+
+        return cls(per_turn(), per_turn() if top_k else None, per_turn() if top_k else None)
 
 
 @dataclass
@@ -143,7 +151,7 @@ class Teacher(ABC):
     def close(self) -> None:
         """Release the backend's resources (engines, pools). Idempotent."""
 
-    def __enter__(self) -> Teacher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -26,14 +26,15 @@ from opd_agents.types import Trajectory
 class HFTeacher(Teacher):
     """A transformers causal LM as the teacher.
 
-    ``model_or_path``: a loaded model (used as is: its device and dtype are kept, and train mode is
-    restored after scoring, so the student itself can serve as a privileged self-distillation teacher) or
-    a model directory / built-in name (loaded with ``device`` and ``dtype``).
+    ``model_or_path``: a loaded model, e.g. a PreTrainedModel or a peft-wrapped one (used as is: its device
+    and dtype are kept, and train mode is restored after scoring, so the student itself can serve as a
+    privileged self-distillation teacher), or a model directory / built-in name (loaded with ``device``
+    and ``dtype``).
     """
 
     def __init__(
         self,
-        model_or_path: PreTrainedModel | str | os.PathLike[str],
+        model_or_path: PreTrainedModel | torch.nn.Module | str | os.PathLike[str],
         tokenizer: PreTrainedTokenizerBase | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -42,7 +43,7 @@ class HFTeacher(Teacher):
         privileged: PrivilegedFn | None = None,
         teacher_id: str | None = None,
     ) -> None:
-        if isinstance(model_or_path, PreTrainedModel):
+        if isinstance(model_or_path, torch.nn.Module):
             if tokenizer is None:
                 raise ValueError("HFTeacher with an in-memory model needs its tokenizer")
             model = model_or_path
@@ -51,7 +52,8 @@ class HFTeacher(Teacher):
             tokenizer = tokenizer or loaded_tok
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        super().__init__(teacher_id or str(model.config.name_or_path or type(model).__name__), renderer, privileged)
+        name = getattr(getattr(model, "config", None), "name_or_path", None)
+        super().__init__(teacher_id or str(name or type(model).__name__), renderer, privileged)
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -63,7 +65,7 @@ class HFTeacher(Teacher):
     def score(self, trajs: Sequence[Trajectory], top_k: int = 0) -> list[TeacherScores]:
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
-        out: list[TeacherScores | None] = [None] * len(trajs)
+        out = [TeacherScores.empty(t, top_k) for t in trajs]  # kept for trajectories without turns
         for i, seq, logits in self._logits(trajs):
             logp = torch.log_softmax(logits, dim=-1)
             target = torch.tensor(seq.target_ids, dtype=torch.long, device=logp.device)
@@ -73,28 +75,22 @@ class HFTeacher(Teacher):
                 vals, ids = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
                 s.topk_ids, s.topk_logprobs = seq.split(ids.tolist()), seq.split(vals.tolist())
             out[i] = s
-        for i, traj in enumerate(trajs):  # trajectories without turns have nothing to score
-            if out[i] is None:
-                out[i] = TeacherScores(logprobs=[[] for _ in traj.turns],
-                                       topk_ids=[[] for _ in traj.turns] if top_k else None,
-                                       topk_logprobs=[[] for _ in traj.turns] if top_k else None)
-        return [s for s in out if s is not None]
+        return out
 
     def logits_for(self, trajs: Sequence[Trajectory]) -> list[Tensor]:
         """Teacher logits (fp32, no grad) for full-vocabulary losses: per trajectory a [n, V] tensor whose
         row j predicts the j-th student-sampled token (turns in order), i.e. the rows line up with the
         ``loss_mask == 1`` positions of the trajectory's TrainingView. Raw logits: apply log_softmax (and any
         temperature) yourself."""
-        out = [torch.empty(0, self._vocab_size()) for _ in trajs]
+        out: list[Tensor | None] = [None] * len(trajs)
         for i, _, logits in self._logits(trajs):
             out[i] = logits
-        return out
+        width = next((t.shape[-1] for t in out if t is not None), None)
+        if width is None:  # nothing scored at all: fall back to the configured vocabulary
+            width = getattr(getattr(self.model, "config", None), "vocab_size", None) or len(self.tokenizer)
+        return [t if t is not None else torch.empty(0, width) for t in out]
 
     # ---- internals ---------------------------------------------------------------------------------
-    def _vocab_size(self) -> int:
-        emb = self.model.get_output_embeddings()
-        return int(emb.weight.shape[0]) if emb is not None else int(self.model.config.vocab_size)
-
     def _logits(self, trajs: Sequence[Trajectory]) -> Iterator[tuple[int, TeacherSequence, Tensor]]:
         """(trajectory index, its teacher sequence, [n_student_tokens, V] fp32 logits), batch by batch."""
         seqs = [self.view.build(t) for t in trajs]
@@ -103,8 +99,7 @@ class HFTeacher(Teacher):
         for start in range(0, len(todo), self.batch_size):
             idx = todo[start : start + self.batch_size]
             batch = [seqs[i] for i in idx]
-            for i, seq, logits in zip(idx, batch, self._forward(batch), strict=True):
-                yield i, seq, logits
+            yield from zip(idx, batch, self._forward(batch), strict=True)
 
     @torch.no_grad()
     def _forward(self, batch: Sequence[TeacherSequence]) -> list[Tensor]:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 from opd_agents.errors import TeacherError
@@ -26,19 +27,14 @@ from opd_agents.types import Trajectory
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
-class _Retryable(Exception):
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
+@dataclass(frozen=True)
+class _Failure:
+    kind: str
+    detail: str
+    retryable: bool
 
 
-class _Fatal(Exception):
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-
-
-def _classify(exc: BaseException) -> _Retryable | _Fatal:
+def _classify(exc: BaseException) -> _Failure:
     """Map a litellm/openai/httpx exception (walking its cause chain) to a failure kind."""
     import httpx
     import openai
@@ -50,14 +46,14 @@ def _classify(exc: BaseException) -> _Retryable | _Fatal:
         e = e.__cause__ or e.__context__
     detail = f"{type(exc).__name__}: {str(exc)[:300]}"
     if any(isinstance(c, (openai.APITimeoutError, httpx.TimeoutException, TimeoutError)) for c in chain):
-        return _Retryable("timeout", detail)
+        return _Failure("timeout", detail, retryable=True)
     # litellm reports a refused connection as InternalServerError("Connection error."); the cause tells.
     if any(isinstance(c, (httpx.ConnectError, ConnectionError, openai.APIConnectionError)) for c in chain):
-        return _Retryable("connection failed", detail)
+        return _Failure("connection failed", detail, retryable=True)
     status = next((s for c in chain if isinstance(s := getattr(c, "status_code", None), int)), None)
     if status is not None and (status >= 500 or status == 429):
-        return _Retryable(f"HTTP {status}", detail)
-    return _Fatal(f"HTTP {status}" if status is not None else "request failed", detail)
+        return _Failure(f"HTTP {status}", detail, retryable=True)
+    return _Failure(f"HTTP {status}" if status is not None else "request failed", detail, retryable=False)
 
 
 class ServerTeacher(Teacher):
@@ -115,9 +111,7 @@ class ServerTeacher(Teacher):
     # ---- one trajectory ----------------------------------------------------------------------------
     def _score_one(self, traj: Trajectory, seq: TeacherSequence, top_k: int, abort: threading.Event) -> TeacherScores:
         if not seq.positions:
-            empty: list[list[Any]] = [[] for _ in traj.turns]
-            return TeacherScores(logprobs=empty, topk_ids=empty if top_k else None,
-                                 topk_logprobs=empty if top_k else None)
+            return TeacherScores.empty(traj, top_k)
         response = self._request(traj, seq.input_ids, top_k, abort)
         choice = response.choices[0]
         plp = getattr(choice, "prompt_logprobs", None)
@@ -148,8 +142,8 @@ class ServerTeacher(Teacher):
                 )
             except Exception as e:  # noqa: BLE001 - every failure is classified below
                 failure = _classify(e)
-                if isinstance(failure, _Fatal) or attempts > self.max_retries:
-                    raise self._error(failure.kind, attempts, traj, str(failure)) from e
+                if not failure.retryable or attempts > self.max_retries:
+                    raise self._error(failure.kind, attempts, traj, failure.detail) from e
             if abort.wait(self.backoff_s * 2 ** (attempts - 1)):
                 raise TeacherError(f"teacher server {self.api_base}: cancelled after another request failed")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from opd_agents.errors import TeacherError
 from opd_agents.renderer import ChatMLRenderer
@@ -33,7 +33,7 @@ class VLLMTeacher(Teacher):
     def __init__(
         self,
         model_path: str | os.PathLike[str],
-        dtype: str = "float32",
+        dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "float32",
         max_model_len: int = 2048,
         renderer: ChatMLRenderer | None = None,
         privileged: PrivilegedFn | None = None,
@@ -65,8 +65,7 @@ class VLLMTeacher(Teacher):
         # One generate call: the engine batches the prompts itself (one prefill per prompt).
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=seqs[i].input_ids) for i in todo], params,
                                     use_tqdm=False) if todo else []
-        scores = [TeacherScores(logprobs=[[] for _ in t.turns], topk_ids=[[] for _ in t.turns] if top_k else None,
-                                topk_logprobs=[[] for _ in t.turns] if top_k else None) for t in trajs]
+        scores = [TeacherScores.empty(t, top_k) for t in trajs]  # kept for trajectories without turns
         for i, out in zip(todo, outputs, strict=True):
             seq = seqs[i]
             try:

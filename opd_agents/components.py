@@ -1,0 +1,85 @@
+"""Builds the run's parts from a RunConfig: device, student (+LoRA), teacher (+SFT teacher), privileged view."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from opd_agents.config import RunConfig
+from opd_agents.env import ToolEnv
+from opd_agents.models import load_model
+from opd_agents.renderer import ChatMLRenderer
+from opd_agents.sft import build_sft_teacher
+from opd_agents.teacher import PrivilegedFn, Teacher, make_teacher
+from opd_agents.types import Trajectory
+
+
+def pick_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """auto: CUDA when present; fp32 on CPU, bf16 on GPU."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, getattr(torch, dtype)
+
+
+def load_student(cfg: RunConfig, device: torch.device, dtype: torch.dtype,
+                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model, tok = load_model(cfg.student.model, dtype=dtype, device=str(device))
+    if cfg.student.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lc = cfg.student.lora
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                 target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+    return model, tok
+
+
+def load_weights(model: PreTrainedModel, model_dir: Path) -> None:
+    """Load weights saved by ``save_pretrained`` (a full model, or a LoRA adapter) into ``model``."""
+    adapter = model_dir / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(adapter))
+        return
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {model_dir} does not match the model: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+
+
+def privileged_reference(env_factory: Callable[[], ToolEnv]) -> PrivilegedFn:
+    """The privileged context: the task's reference solution, regenerated from the trajectory's seed."""
+    env = env_factory()
+
+    def reference(traj: Trajectory) -> str:
+        task = env.generate_task(np.random.default_rng(traj.seed), traj.seed, traj.split)
+        return f"Reference solution (only you can see it; the answer must be worked out with the tools):\n{task.reference}"
+
+    return reference
+
+
+def build_teacher(cfg: RunConfig, env_factory: Callable[[], ToolEnv], student_tok: PreTrainedTokenizerBase,
+                  renderer: ChatMLRenderer, privileged: PrivilegedFn | None, device: torch.device,
+                  console: Console) -> Teacher:
+    tcfg = cfg.teacher.backend_config()
+    if cfg.teacher.sft_from_expert is not None:
+        sft = cfg.teacher.sft_from_expert
+        path = build_sft_teacher(cfg.teacher.model, env_factory, cfg.env.id, renderer.parser,
+                                 Path(cfg.run_dir) / "sft_teacher", sft.episodes, sft.steps, sft.batch_size,
+                                 sft.lr, cfg.seed, log=console.print)
+        tcfg = tcfg.model_copy(update={"model": str(path)})
+    if tcfg.backend == "hf" and tcfg.device == "cpu" and device.type != "cpu":
+        tcfg = tcfg.model_copy(update={"device": str(device)})
+    return make_teacher(tcfg, student_tokenizer=student_tok, renderer=renderer, privileged=privileged)

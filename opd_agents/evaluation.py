@@ -1,0 +1,122 @@
+"""Held-out evaluation, teacher-played trajectories (off-policy KD, best-of-N) and the metrics stream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from opd_agents.config import RunConfig
+from opd_agents.env import ToolEnv, heldout_seeds
+from opd_agents.errors import OpdError
+from opd_agents.expert import play_expert
+from opd_agents.policy import assistant_batch
+from opd_agents.renderer import ChatMLRenderer
+from opd_agents.rollout import Rollout
+from opd_agents.sampler import HFSampler
+from opd_agents.stats import summarize
+from opd_agents.store import TrajectoryWriter
+from opd_agents.teacher import PrivilegedFn, Teacher, TeacherView
+from opd_agents.training_view import TrainingView
+from opd_agents.types import SamplingParams, Trajectory
+
+EVAL_KEYS = ("success_rate", "mean_reward", "tool_error_rate", "mean_turns")
+REACHABLE_TOP_K = 16  # BRTS: a teacher token is student-reachable if it is in the student's top-16
+
+
+class MetricsLog:
+    """metrics.jsonl in the run dir (and TensorBoard when it is installed)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb: Any = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, row.get("step", 0))
+
+
+class Evaluator:
+    def __init__(self, cfg: RunConfig, env_factory: Callable[[], ToolEnv], renderer: ChatMLRenderer,
+                 privileged: PrivilegedFn | None) -> None:
+        self.cfg = cfg
+        self.env_factory = env_factory
+        self.renderer = renderer
+        self.teacher_view = TeacherView(renderer, privileged) if privileged else None
+        self.eval_path = Path(cfg.run_dir) / "eval_trajectories.jsonl"
+
+    def _rollout(self, model: PreTrainedModel, temperature: float, privileged: bool, seed: int) -> Rollout:
+        sampling = SamplingParams(temperature=temperature, max_tokens_per_turn=self.cfg.max_tokens_per_turn, seed=seed)
+        prompt = self.teacher_view.prompt_ids if (privileged and self.teacher_view) else None
+        return Rollout(HFSampler(model, self.renderer), self.env_factory, sampling, model_id=str(model.name_or_path),
+                       env_id=self.cfg.env.id, batch_size=32, sampling_prompt=prompt)
+
+    @staticmethod
+    def summary(trajs: Sequence[Trajectory]) -> dict[str, float]:
+        s = summarize(trajs)
+        return {k: float(s[k]) for k in EVAL_KEYS}  # type: ignore[arg-type]
+
+    def evaluate(self, model: PreTrainedModel, who: str, episodes: int | None = None,
+                 privileged: bool = False) -> dict[str, float]:
+        """Success, reward, tool-error rate and turns on the held-out seeds (the same seeds every time)."""
+        seeds = heldout_seeds(episodes or self.cfg.eval.episodes)
+        trajs = self._rollout(model, self.cfg.eval.temperature, privileged, self.cfg.seed).run(seeds)
+        with TrajectoryWriter(self.eval_path) as w:
+            for t in trajs:
+                t.metrics["eval_of_" + who] = 1.0
+                w.write(t)
+        return self.summary(trajs)
+
+    def teacher_play(self, teacher: Teacher, seeds: Sequence[int], seed: int) -> list[Trajectory]:
+        model = getattr(teacher, "model", None)
+        if model is None:
+            raise OpdError("teacher-played trajectories need an in-process (hf) teacher")
+        return self._rollout(model, self.cfg.sampling_temperature, True, seed).run(seeds)
+
+    def off_policy_trajectories(self, seeds: Sequence[int], teacher: Teacher, source: str) -> list[Trajectory]:
+        """GKD's (1 - lambda) batches: the scripted expert's or the teacher's own trajectories."""
+        if source == "expert":
+            return play_expert(self.env_factory, seeds, env_id=self.cfg.env.id, renderer=self.renderer)
+        return self.teacher_play(teacher, seeds, seed=seeds[0] if seeds else 0)
+
+    def best_teacher_trajectories(self, task_seeds: Sequence[int], teacher: Teacher,
+                                  student: PreTrainedModel) -> list[Trajectory]:
+        """Best-of-N (BRTS): per task, the highest-reward teacher rollout; ties go to the most
+        student-reachable one (share of its tokens inside the student's top-16)."""
+        n = self.cfg.train.teacher_rollouts_per_task
+        trajs = self.teacher_play(teacher, [s for s in task_seeds for _ in range(n)], seed=task_seeds[0])
+        reach = self._reachability(trajs, student)
+        best: dict[int, tuple[float, float, Trajectory]] = {}
+        for t, r in zip(trajs, reach, strict=True):
+            t.metrics["student_reachability"] = r
+            key = (t.reward, r)
+            if t.num_assistant_tokens and (t.seed not in best or key > best[t.seed][:2]):
+                best[t.seed] = (t.reward, r, t)
+        return [v[2] for v in best.values()]
+
+    @torch.no_grad()
+    def _reachability(self, trajs: Sequence[Trajectory], student: PreTrainedModel) -> list[float]:
+        out = []
+        pad = self.renderer.im_end_id
+        for t in trajs:
+            if not t.num_assistant_tokens:
+                out.append(0.0)
+                continue
+            b = assistant_batch(student, [TrainingView.from_trajectory(t)], pad)
+            top = b.logits.topk(REACHABLE_TOP_K, dim=-1).indices
+            hit = (top == b.targets.unsqueeze(-1)).any(-1).float()
+            out.append(float((hit * b.mask).sum() / b.mask.sum()))
+        return out

@@ -1,0 +1,79 @@
+"""Student-side forward passes for training: logits only where the student sampled tokens.
+
+The LM head over a 49k vocabulary dominates CPU training cost, so it runs only on the hidden states
+that predict assistant tokens (prompt and observation positions never need logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from opd_agents.training_view import TrainingView, collate
+
+
+@dataclass
+class AssistantBatch:
+    """Per-trajectory rows of assistant tokens, padded to [B, N] (N = most assistant tokens in a row)."""
+
+    logits: Tensor  # [B, N, V] student logits predicting each assistant token (with grad)
+    targets: Tensor  # [B, N] the sampled token ids
+    mask: Tensor  # [B, N] 1 on real assistant tokens
+    sampling_logprobs: Tensor  # [B, N]
+    teacher_logprobs: Tensor  # [B, N] (0 where a trajectory has none)
+    weights: Tensor  # [B, N] per-turn weights broadcast onto tokens
+    turn_index: Tensor  # [B, N]
+
+    @property
+    def logprobs(self) -> Tensor:
+        """log pi_theta of the sampled tokens [B, N] (with grad)."""
+        logp = torch.log_softmax(self.logits.float(), dim=-1)
+        return logp.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)
+
+
+def pad_rows(rows: Sequence[Tensor], width: int, value: float = 0.0) -> Tensor:
+    """Stack 1-D or 2-D per-trajectory tensors into [B, width, ...], padding with ``value``."""
+    shape = (len(rows), width, *rows[0].shape[1:])
+    out = rows[0].new_full(shape, value)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out
+
+
+def assistant_batch(model: PreTrainedModel, views: Sequence[TrainingView], pad_token_id: int) -> AssistantBatch:
+    batch = collate(views, pad_token_id)
+    device = next(model.parameters()).device
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False,
+    ).last_hidden_state
+    head = model.get_output_embeddings()
+    counts = [int(v.sum()) for v in batch["loss_mask"]]
+    width = max(max(counts), 1)
+    rows = []
+    fields: dict[str, list[Tensor]] = {k: [] for k in ("input_ids", "sampling_logprobs", "teacher_logprobs",
+                                                        "token_weights", "turn_index")}
+    for b in range(len(views)):
+        pos = batch["loss_mask"][b].nonzero().squeeze(1)
+        rows.append(head(hidden[b, (pos - 1).to(device)]))  # logits at p-1 predict the token at p
+        for k in fields:
+            fields[k].append(batch[k][b, pos])
+    mask = pad_rows([torch.ones(c) for c in counts], width)
+    return AssistantBatch(
+        logits=pad_rows(rows, width),
+        targets=pad_rows(fields["input_ids"], width, 0).long().to(device),
+        mask=mask.to(device),
+        sampling_logprobs=pad_rows(fields["sampling_logprobs"], width).to(device),
+        teacher_logprobs=pad_rows(fields["teacher_logprobs"], width).to(device),
+        weights=pad_rows(fields["token_weights"], width).to(device),
+        turn_index=pad_rows(fields["turn_index"], width, -1).to(device),
+    )
+
+
+def cross_entropy(batch: AssistantBatch) -> Tensor:
+    """Mean negative log-likelihood of the assistant tokens (SFT / off-policy on expert data)."""
+    nll = -(batch.logprobs * batch.mask)
+    return nll.sum() / batch.mask.sum().clamp(min=1)

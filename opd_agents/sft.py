@@ -1,0 +1,89 @@
+"""Supervised fine-tuning on given trajectories (scripted expert or teacher samples).
+
+Used to build an SFT teacher from the scripted expert, and for off-policy KD batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from opd_agents.env import ToolEnv
+from opd_agents.expert import play_expert
+from opd_agents.models import load_model
+from opd_agents.parsers import ToolCallParser
+from opd_agents.policy import assistant_batch, cross_entropy
+from opd_agents.renderer import ChatMLRenderer
+from opd_agents.training_view import TrainingView
+from opd_agents.types import Trajectory
+
+
+def sft_train(model: PreTrainedModel, trajs: Sequence[Trajectory], pad_token_id: int, steps: int,
+              batch_size: int, lr: float, seed: int) -> list[float]:
+    """Cross-entropy on the assistant tokens of ``trajs``; returns the loss per step."""
+    rng = random.Random(seed)
+    views = [TrainingView.from_trajectory(t) for t in trajs]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = rng.sample(views, min(batch_size, len(views)))
+        loss = cross_entropy(assistant_batch(model, batch, pad_token_id))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    model.eval()
+    return losses
+
+
+def build_sft_teacher(base_model: str, env_factory: Callable[[], ToolEnv], env_id: str, parser: ToolCallParser,
+                      out_dir: Path, episodes: int, steps: int, batch_size: int, lr: float, seed: int,
+                      log: Callable[[str], None] | None = None) -> Path:
+    """Fine-tune ``base_model`` on scripted-expert trajectories of the env's *training* seeds and save it.
+
+    Reused when ``out_dir`` already holds a finished teacher built with the same settings.
+    """
+    settings = {"base_model": base_model, "env_id": env_id, "episodes": episodes, "steps": steps,
+                "batch_size": batch_size, "lr": lr, "seed": seed}
+    marker = out_dir / "opd_sft_teacher.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("settings") == settings:
+        return out_dir
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model, tok = load_model(base_model)
+    rng = random.Random(seed)
+    seeds = rng.sample(range(0, 900_000), episodes)
+    renderer = ChatMLRenderer(tok, parser)
+    trajs = play_expert(env_factory, seeds, env_id=env_id, renderer=renderer)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else renderer.im_end_id
+    losses = sft_train(model, trajs, int(pad), steps, batch_size, lr, seed)
+    _save_atomically(model, tok, out_dir, {"settings": settings, "losses": losses[-5:],
+                                           "expert_success": sum(t.success for t in trajs) / len(trajs),
+                                           "wall_s": time.perf_counter() - t0})
+    if log:
+        log(f"SFT teacher: {steps} steps on {episodes} expert episodes, final loss {losses[-1]:.3f} "
+            f"({time.perf_counter() - t0:.0f}s) -> {out_dir}")
+    return out_dir
+
+
+def _save_atomically(model: PreTrainedModel, tok: PreTrainedTokenizerBase, out_dir: Path,
+                     meta: dict[str, object]) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "opd_sft_teacher.json").write_text(json.dumps(meta, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)

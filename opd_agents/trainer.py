@@ -1,0 +1,265 @@
+"""The OPD loop: rollout (student, on-policy) -> teacher scoring -> loss on assistant tokens -> step.
+
+One `Trainer` owns the student, its optimizer and the teacher; everything else is a stage module
+(rollout, teacher, losses, checkpoint, evaluation). Data order is a pure function of (seed, step), so
+`--resume` continues with exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import get_scheduler
+
+from opd_agents.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from opd_agents.config import RunConfig
+from opd_agents.errors import OpdError
+from opd_agents.evaluation import Evaluator, MetricsLog
+from opd_agents.losses import (
+    LossOutput, forward_kl_loss, generalized_jsd_loss, grpo_advantages, reverse_kl_pg_loss,
+    topk_forward_kl_loss, topk_generalized_jsd_loss,
+)
+from opd_agents.models import load_model
+from opd_agents.parsers import get_parser
+from opd_agents.policy import AssistantBatch, assistant_batch, cross_entropy, pad_rows
+from opd_agents.registry import make_env
+from opd_agents.renderer import ChatMLRenderer
+from opd_agents.rollout import Rollout
+from opd_agents.sampler import HFSampler
+from opd_agents.components import build_teacher, load_student, load_weights, pick_device, privileged_reference
+from opd_agents.store import TrajectoryWriter
+from opd_agents.training_view import TrainingView
+from opd_agents.types import SamplingParams, Trajectory
+
+
+class TeacherTooWeakError(OpdError):
+    """The teacher is not clearly stronger than the student (teacher_strength.on_weak = stop)."""
+
+
+def step_seeds(run_seed: int, step: int, n: int) -> list[int]:
+    """Training task seeds of a step: deterministic in (run seed, step), independent of history."""
+    rng = np.random.default_rng([run_seed, step])
+    return [int(s) for s in rng.integers(0, 900_000, size=n)]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, console: Console | None = None) -> None:
+        self.cfg = cfg
+        self.console = console or Console()
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
+        self.device, self.dtype = pick_device(cfg.device, cfg.train.dtype)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+
+        env_kwargs = dict(cfg.env.kwargs, limits=cfg.env.limits)
+        self.env_factory = lambda: make_env(cfg.env.id, **env_kwargs).unwrapped
+        self.parser = get_parser(env_kwargs.get("parser", "hermes"))
+        self.student, self.tokenizer = load_student(cfg, self.device, self.dtype)
+        self.renderer = ChatMLRenderer(self.tokenizer, self.parser)
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                          else self.renderer.im_end_id)
+        self.sampling = SamplingParams(temperature=cfg.sampling_temperature,
+                                       max_tokens_per_turn=cfg.max_tokens_per_turn, seed=cfg.seed)
+        self.rollout = Rollout(HFSampler(self.student, self.renderer), self.env_factory, self.sampling,
+                               model_id=cfg.student.model, env_id=cfg.env.id, batch_size=32)
+        self.privileged = privileged_reference(self.env_factory) if cfg.teacher.privileged else None
+        self.teacher = build_teacher(cfg, self.env_factory, self.tokenizer, self.renderer, self.privileged,
+                                     self.device, self.console)
+        self.evaluator = Evaluator(cfg, self.env_factory, self.renderer, self.privileged)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
+        self.scheduler = get_scheduler(cfg.train.lr_schedule, self.optimizer, cfg.train.warmup_steps, cfg.train.steps)
+        self.metrics = MetricsLog(self.run_dir)
+        self.start_step = 0
+        self.summary: dict[str, Any] = {}
+
+    # ---- resume ------------------------------------------------------------------------------------
+    def resume(self) -> bool:
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        if ckpt is None:
+            self.console.print("[yellow]--resume: no complete checkpoint yet; starting from step 0")
+            return False
+        load_weights(self.student, ckpt / "model")
+        state = load_trainer_state(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.summary = state.get("summary", {})
+        self.start_step = int(state["step"])
+        self.console.print(f"resumed from {ckpt} (next step {self.start_step + 1})")
+        return True
+
+    # ---- main loop ---------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg, t_start = self.cfg, time.perf_counter()
+        if self.start_step == 0:
+            before = self.evaluator.evaluate(self.student, "student")
+            self.summary["student_before"] = before["success_rate"]
+            self.metrics.write({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+            self._check_teacher_strength(before["success_rate"])
+        writer = TrajectoryWriter(self.run_dir / "trajectories.jsonl")
+        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[live]}"), console=self.console) as bar:
+            task = bar.add_task("steps", total=cfg.train.steps, completed=self.start_step, live="")
+            for step in range(self.start_step + 1, cfg.train.steps + 1):
+                row = self.train_step(step, writer)
+                if step % cfg.eval.every == 0 or step == cfg.train.steps:
+                    ev = self.evaluator.evaluate(self.student, "student")
+                    row.update({f"eval/{k}": v for k, v in ev.items()})
+                    self.summary["student_after"] = ev["success_rate"]
+                self.metrics.write(row)
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                    save_checkpoint(self.run_dir / "checkpoints", step, self.student, self.optimizer,
+                                    self.scheduler, {"summary": self.summary})
+                live = f"loss {row['loss']:.3f} train-success {row['rollout/success_rate']:.2f}"
+                if "eval/success_rate" in row:
+                    live += f" heldout {row['eval/success_rate']:.2f}"
+                bar.update(task, completed=step, live=live)
+        writer.close()
+        self.summary["wall_s"] = self.summary.get("wall_s", 0.0) + time.perf_counter() - t_start
+        (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=1))
+        return self.summary
+
+    def _check_teacher_strength(self, student_success: float) -> None:
+        strength = self.cfg.teacher_strength
+        if strength.episodes == 0:
+            return
+        teacher_model = getattr(self.teacher, "model", None)
+        if teacher_model is None:
+            self.console.print("[yellow]teacher-strength check skipped: it needs an in-process (hf) teacher")
+            return
+        res = self.evaluator.evaluate(teacher_model, "teacher", episodes=strength.episodes, privileged=True)
+        self.summary["teacher"] = res["success_rate"]
+        self.metrics.write({"step": 0, **{f"teacher_eval/{k}": v for k, v in res.items()}})
+        gap = res["success_rate"] - student_success
+        msg = (f"teacher success {res['success_rate']:.2f} vs student {student_success:.2f} on "
+               f"{strength.episodes} held-out tasks (gap {gap:+.2f}, required {strength.min_gap:.2f})")
+        if gap < strength.min_gap:
+            if strength.on_weak == "stop":
+                raise TeacherTooWeakError(msg + "; the teacher is not clearly stronger (teacher_strength.on_weak=stop)")
+            self.console.print(f"[bold yellow]warning:[/] {msg}; its signal may teach wrong behaviour")
+        else:
+            self.console.print(msg)
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def train_step(self, step: int, writer: TrajectoryWriter) -> dict[str, Any]:
+        cfg, tc = self.cfg, self.cfg.train
+        t0 = time.perf_counter()
+        seeds = [s for s in step_seeds(cfg.seed, step, tc.tasks_per_step) for _ in range(tc.group_size)]
+        on_policy = np.random.default_rng([cfg.seed, step, 1]).random() < tc.on_policy_fraction
+        self.rollout.reseed(cfg.seed * 1_000_003 + step)
+        if on_policy:
+            trajs = self.rollout.run(seeds)
+        else:
+            trajs = self.evaluator.off_policy_trajectories(seeds, self.teacher, tc.off_policy_source)
+        t_roll = time.perf_counter()
+        scores = self.teacher.score_and_apply(trajs, top_k=cfg.loss.top_k) if self._needs_scores(on_policy) else []
+        topk = {t.id: s for t, s in zip(trajs, scores, strict=False)} if cfg.loss.top_k else {}
+        t_teacher = time.perf_counter()
+        aux = self.evaluator.best_teacher_trajectories(step_seeds(cfg.seed, step, tc.tasks_per_step),
+                                                        self.teacher, self.student) \
+            if tc.teacher_rollouts_per_task > 1 else []
+
+        self.student.train()
+        advantages = self._outcome_advantages(trajs)
+        n_tokens = max(sum(t.num_assistant_tokens for t in trajs), 1)
+        agg: dict[str, float] = {}
+        total_loss = 0.0
+        for start in range(0, len(trajs), tc.micro_batch_size):
+            micro = trajs[start : start + tc.micro_batch_size]
+            if not any(t.num_assistant_tokens for t in micro):
+                continue
+            adv = advantages[start : start + tc.micro_batch_size] if advantages is not None else None
+            out = self._micro_loss(micro, on_policy, adv, topk)
+            share = sum(t.num_assistant_tokens for t in micro) / n_tokens  # token-mean over the whole step
+            (out.loss * share).backward()
+            total_loss += out.loss.item() * share
+            for k, v in out.metrics.items():
+                agg[k] = agg.get(k, 0.0) + v * share
+        aux_loss = self._aux_loss(aux) if aux else 0.0
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), tc.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.student.eval()
+        for t in trajs:
+            writer.write(t)
+        roll = self.evaluator.summary(trajs)
+        return {
+            "step": step, "on_policy": on_policy, "loss": total_loss, "aux_loss": aux_loss,
+            "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            **{f"loss/{k}": v for k, v in agg.items()}, **{f"rollout/{k}": v for k, v in roll.items()},
+            "teacher_tokens": sum(s.tokens_processed for s in scores), "student_tokens": n_tokens,
+            "time/rollout_s": t_roll - t0, "time/teacher_s": t_teacher - t_roll,
+            "time/step_s": time.perf_counter() - t0,
+        }
+
+    def _needs_scores(self, on_policy: bool) -> bool:
+        """Sampled-token teacher logprobs: the PG loss and telemetry; top-k losses need the top-k lists."""
+        return on_policy or self.cfg.loss.top_k > 0
+
+    def _outcome_advantages(self, trajs: list[Trajectory]) -> torch.Tensor | None:
+        if self.cfg.loss.outcome_coef <= 0:
+            return None
+        rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
+        return grpo_advantages(rewards, [t.seed for t in trajs]) * self.cfg.loss.outcome_coef
+
+    def _micro_loss(self, micro: list[Trajectory], on_policy: bool, advantages: torch.Tensor | None,
+                    topk: dict[str, Any]) -> LossOutput:
+        lc = self.cfg.loss
+        batch = assistant_batch(self.student, [TrainingView.from_trajectory(t) for t in micro], self.pad_id)
+        if not on_policy and not self._has_full_teacher() and not lc.top_k:
+            return LossOutput(cross_entropy(batch), {})  # off-policy without teacher distributions: SFT
+        if lc.kind == "reverse_kl" and on_policy:
+            adv = advantages.to(batch.mask.device) if advantages is not None else None
+            return reverse_kl_pg_loss(batch.logprobs, batch.sampling_logprobs, batch.teacher_logprobs, batch.mask,
+                                      batch.weights, clip_eps=lc.clip_eps, coef=lc.kl_coef, outcome_advantages=adv)
+        beta = 0.0 if lc.kind == "forward_kl" else (1.0 if lc.kind == "reverse_kl" else lc.beta)
+        if lc.top_k:
+            ids, lps = self._topk_tensors(micro, topk, batch)
+            if beta == 0.0:
+                return topk_forward_kl_loss(batch.logits, ids, lps, batch.mask, batch.weights, tail=lc.tail)
+            return topk_generalized_jsd_loss(batch.logits, ids, lps, batch.mask, beta, batch.weights, tail=lc.tail)
+        teacher_logits = self._teacher_logits(micro, batch)
+        if beta == 0.0:
+            return forward_kl_loss(batch.logits, teacher_logits, batch.mask, batch.weights)
+        return generalized_jsd_loss(batch.logits, teacher_logits, batch.mask, beta, batch.weights)
+
+    def _has_full_teacher(self) -> bool:
+        return hasattr(self.teacher, "logits_for")
+
+    def _teacher_logits(self, micro: list[Trajectory], batch: AssistantBatch) -> torch.Tensor:
+        if not self._has_full_teacher():
+            raise OpdError(f"loss.kind={self.cfg.loss.kind} over the full vocabulary needs an in-process (hf) "
+                           f"teacher; with a server teacher set loss.top_k > 0")
+        rows = [r.to(batch.logits.device, batch.logits.dtype) for r in self.teacher.logits_for(micro)]  # type: ignore[attr-defined]
+        return pad_rows(rows, batch.logits.shape[1])
+
+    def _topk_tensors(self, micro: list[Trajectory], topk: dict[str, Any], batch: AssistantBatch,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids_rows, lp_rows = [], []
+        for t in micro:
+            s = topk[t.id]
+            ids_rows.append(torch.tensor([x for turn in s.topk_ids for x in turn], dtype=torch.long))
+            lp_rows.append(torch.tensor([x for turn in s.topk_logprobs for x in turn], dtype=torch.float32))
+        width = batch.logits.shape[1]
+        dev = batch.logits.device
+        return pad_rows(ids_rows, width, 0).to(dev), pad_rows(lp_rows, width, -1e4).to(dev)
+
+    def _aux_loss(self, teacher_trajs: list[Trajectory]) -> float:
+        """Best-of-N auxiliary loss: NLL of the selected teacher trajectories, small weight (BRTS)."""
+        weight = self.cfg.train.teacher_aux_weight
+        batch = assistant_batch(self.student, [TrainingView.from_trajectory(t) for t in teacher_trajs], self.pad_id)
+        loss = cross_entropy(batch)
+        (loss * weight).backward()
+        return float(loss)
