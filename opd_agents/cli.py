@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from opd_agents.env import HELDOUT_SEED_START
 from opd_agents.errors import OpdError
@@ -140,6 +141,149 @@ def train(
     table.add_row("wall time", f"{time.perf_counter() - t0:.0f} s")
     console.print(table)
     console.print(f"run dir: {cfg.run_dir}  (metrics.jsonl, trajectories.jsonl, checkpoints/)")
+
+
+# ---- analysis: replay, report, score, export ---------------------------------------------------------
+err_console = Console(stderr=True)
+
+
+def _report_issue(issue: Any) -> None:
+    """A skipped trajectory line (file:line: reason): warn on one line and go on."""
+    err_console.print(f"warning: skipped {issue}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
+def _fail_line(err: Exception) -> None:
+    """Like ``fail``, but the message stays one unwrapped line and is never read as rich markup (paths
+    and model text may contain brackets)."""
+    console.print(Text.assemble(("error:", "bold red"), f" {err}"), soft_wrap=True, highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _stop_reasons(values: list[str] | None) -> frozenset[str] | None:
+    from opd_agents.types import StopReason
+
+    if not values:
+        return None
+    allowed = {r.value for r in StopReason} | {"none"}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        _fail_line(ValueError(f"unknown --stop-reason {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"))
+    return frozenset(values)
+
+
+@app.command()
+def replay(
+    file: Annotated[Path, typer.Argument(help="trajectory JSONL (e.g. RUN_DIR/trajectories.jsonl)")],
+    env: Annotated[Optional[str], typer.Option(help="only this environment id")] = None,
+    min_reward: Annotated[Optional[float], typer.Option()] = None,
+    max_reward: Annotated[Optional[float], typer.Option()] = None,
+    stop_reason: Annotated[Optional[list[str]], typer.Option(help="only these stop reasons (repeatable)")] = None,
+    has_tool_error: Annotated[Optional[bool], typer.Option("--has-tool-error/--no-tool-error",
+                                                           help="only episodes with / without a tool error")] = None,
+    first_error_turn: Annotated[Optional[int], typer.Option(help="only episodes whose first tool error is at this turn")] = None,
+    min_divergence: Annotated[Optional[float], typer.Option(help="only episodes with some turn d_k >= this")] = None,
+    id_: Annotated[Optional[list[str]], typer.Option("--id", help="only these trajectory ids (repeatable)")] = None,
+    limit: Annotated[int, typer.Option(help="show at most N trajectories (0: all)")] = 20,
+    tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="colour tokens by teacher-student log-ratio")] = True,
+    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer dir for the token view (default: built-in smollm2)")] = None,
+) -> None:
+    """Replay stored trajectories turn by turn (streams the file; filters combine with AND)."""
+    from opd_agents.analysis import TrajectoryFilter, iter_filtered
+    from opd_agents.replay import replay as show
+
+    flt = TrajectoryFilter(env=env, min_reward=min_reward, max_reward=max_reward,
+                           stop_reasons=_stop_reasons(stop_reason), has_tool_error=has_tool_error,
+                           first_error_turn=first_error_turn, min_divergence=min_divergence,
+                           ids=frozenset(id_) if id_ else None)
+    try:
+        shown = show(iter_filtered(file, flt, on_error=_report_issue), console, limit=limit or None,
+                     tokenizer=tokenizer, tokens=tokens)
+    except (OpdError, OSError) as e:
+        _fail_line(e)
+    if not shown:
+        console.print("no trajectory matched")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a training run directory")],
+    out: Annotated[Optional[Path], typer.Option(help="HTML file (default: RUN_DIR/report.html)")] = None,
+    trajectories: Annotated[int, typer.Option(help="trajectories in the per-token heatmap")] = 3,
+    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer dir for the heatmap (default: built-in smollm2)")] = None,
+    screenshot: Annotated[Optional[Path], typer.Option(help="also save a PNG of the report (needs chromium)")] = None,
+) -> None:
+    """Write one self-contained HTML report (no network, no external files) of a training run."""
+    from opd_agents.report import screenshot as take_screenshot
+    from opd_agents.report import write_report
+
+    try:
+        path = write_report(run_dir, out, trajectories=trajectories, tokenizer=tokenizer)
+        console.print(f"wrote {path}")
+        if screenshot:
+            console.print(f"wrote {take_screenshot(path, screenshot)}")
+    except (OpdError, OSError) as e:
+        _fail_line(e)
+
+
+@app.command()
+def score(
+    file: Annotated[Path, typer.Argument(help="trajectory JSONL to re-score (left untouched)")],
+    teacher: Annotated[str, typer.Option("--teacher", help="hf/vllm: model dir or built-in name; server: served name")],
+    out: Annotated[Path, typer.Option("--out", help="new JSONL with the new teacher's logprobs and d_k")],
+    backend: Annotated[str, typer.Option(help="hf | server | vllm")] = "hf",
+    api_base: Annotated[Optional[str], typer.Option(help="server backend: e.g. http://127.0.0.1:8000/v1")] = None,
+    top_k: Annotated[int, typer.Option(help="also record the teacher's top-k mass and entropy per turn")] = 0,
+    batch_size: Annotated[int, typer.Option(help="trajectories read and scored per chunk")] = 8,
+    device: Annotated[str, typer.Option(help="hf backend device")] = "cpu",
+    student: Annotated[Optional[str], typer.Option(help="the student's model dir: its tokenizer is checked against the teacher's")] = None,
+) -> None:
+    """Re-score stored trajectories with another teacher, without re-running the environment."""
+    from pydantic import ValidationError
+
+    from opd_agents.export import check_distinct, rescore_file
+    from opd_agents.teacher import TeacherConfig, make_teacher
+
+    t0 = time.perf_counter()
+    try:
+        check_distinct(file, out)
+        if not file.is_file():
+            raise FileNotFoundError(f"trajectory file {file} does not exist")
+        cfg = TeacherConfig(backend=backend, model=teacher, api_base=api_base, device=device, batch_size=batch_size)
+        student_tok = None
+        if student:
+            from transformers import AutoTokenizer
+
+            from opd_agents.models import resolve_model
+
+            student_tok = AutoTokenizer.from_pretrained(resolve_model(student))
+        with make_teacher(cfg, student_tokenizer=student_tok) as scorer:
+            n = rescore_file(file, out, scorer, batch_size=batch_size, top_k=top_k, on_error=_report_issue)
+    except (OpdError, OSError, ValueError, ValidationError) as e:
+        _fail_line(e)
+    console.print(f"re-scored {n} trajectories with {teacher} in {time.perf_counter() - t0:.1f} s -> {out}")
+
+
+@app.command()
+def export(
+    file: Annotated[Path, typer.Argument(help="trajectory JSONL")],
+    out: Annotated[Path, typer.Option("--out", help="parquet: a .parquet file; hf: a directory")],
+    format_: Annotated[str, typer.Option("--format", help="parquet | hf")] = "parquet",
+    level: Annotated[str, typer.Option(help="trajectory (one row per episode) | turn (one row per turn)")] = "trajectory",
+) -> None:
+    """Export trajectories (streamed) to Parquet or a Hugging Face dataset (save_to_disk)."""
+    from opd_agents.export import export_hf, export_parquet
+
+    if format_ not in ("parquet", "hf"):
+        _fail_line(ValueError(f"--format must be 'parquet' or 'hf', got {format_!r}"))
+    if level not in ("trajectory", "turn"):
+        _fail_line(ValueError(f"--level must be 'trajectory' or 'turn', got {level!r}"))
+    t0 = time.perf_counter()
+    try:
+        fn = export_parquet if format_ == "parquet" else export_hf
+        n = fn(file, out, level=level, on_error=_report_issue)  # type: ignore[arg-type]
+    except (OpdError, OSError, ValueError) as e:
+        _fail_line(e)
+    console.print(f"exported {n} {level} rows to {out} ({format_}, {time.perf_counter() - t0:.1f} s)")
 
 
 def main() -> None:

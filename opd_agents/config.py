@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from opd_agents.divergence import DivergencePolicyConfig
 from opd_agents.env import EnvLimits
 from opd_agents.errors import ConfigError
 from opd_agents.teacher.base import TeacherConfig
@@ -111,6 +112,7 @@ class RunConfig(_Strict):
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     teacher_strength: TeacherStrengthConfig = Field(default_factory=TeacherStrengthConfig)
+    divergence: DivergencePolicyConfig = Field(default_factory=DivergencePolicyConfig)
     sampling_temperature: float = Field(1.0, gt=0.0)
     max_tokens_per_turn: int = Field(128, gt=0)
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -21,6 +21,9 @@ from opd_agents.registry import make_env
 from opd_agents.renderer import ChatMLRenderer
 from opd_agents.sampler import HFSampler, TurnSample
 from opd_agents.types import Message, SamplingParams, StopReason, Trajectory, Turn
+
+if TYPE_CHECKING:
+    from opd_agents.teacher.online import OnlineTeacher
 
 # Called after each turn is recorded; returning a StopReason ends the episode there (rollout-time
 # truncation policies plug in here).
@@ -62,10 +65,13 @@ class Rollout:
         turn_hook: TurnHook | None = None,
         env_id: str | None = None,
         sampling_prompt: Callable[[Trajectory], list[int]] | None = None,
+        online_teacher: OnlineTeacher | None = None,
     ) -> None:
         """``sampling_prompt``: the prompt the policy samples from, if not the stored one (a privileged
         teacher playing the task sees extra context; the trajectory keeps the plain prompt, so it can be
-        trained on off-policy)."""
+        trained on off-policy). ``online_teacher``: scores every turn as it is sampled (rollout-time
+        truncation on divergence reads ``turn.divergence`` in ``turn_hook``)."""
+        self.online_teacher = online_teacher
         self.sampler = sampler
         self.renderer: ChatMLRenderer = sampler.renderer
         self.env_factory = env_factory
@@ -124,13 +130,17 @@ class Rollout:
         active = [ep for ep in episodes if not ep.done]
         chunks = [ep.prompt for ep in active]
         batch = self.sampler.new_batch()
+        online = self.online_teacher
+        if online is not None:
+            online.begin([ep.traj for ep in active])
         while active:
             budgets = [_token_budget(ep, self.sampling) for ep in active]
             samples = self.sampler.sample_turn(
                 batch, chunks, [b for b, _ in budgets], self.sampling.temperature, self.sampling.top_p,
                 self._generator,
             )
-            steps = list(self._pool.map(self._step, active, samples, [r for _, r in budgets]))
+            teacher_lps = online.score([s.token_ids for s in samples]) if online else [None] * len(samples)
+            steps = list(self._pool.map(self._step, active, samples, [r for _, r in budgets], teacher_lps))
             keep, chunks = [], []
             for row, (ep, obs_ids) in enumerate(zip(active, steps, strict=True)):
                 if not ep.done:
@@ -139,17 +149,23 @@ class Rollout:
             active = [active[r] for r in keep]
             if active:
                 batch.keep(keep)
+                if online is not None:
+                    online.keep(keep)
+                    online.observe(chunks)
         wall = time.perf_counter() - t0
         for ep in episodes:
             ep.traj.metrics["batch_wall_s"] = wall
         return [ep.traj for ep in episodes]
 
-    def _step(self, ep: _Episode, sample: TurnSample, budget_reason: StopReason) -> list[int]:
+    def _step(self, ep: _Episode, sample: TurnSample, budget_reason: StopReason,
+              teacher_logprobs: list[float] | None = None) -> list[int]:
         """Record one sampled turn, run the env on it; return the observation ids to feed next."""
         traj = ep.traj
         text = self.renderer.decode(sample.token_ids)
         turn = Turn(index=len(traj.turns), token_ids=sample.token_ids, sampling_logprobs=sample.logprobs,
                     text=text, finish=sample.finish)
+        if teacher_logprobs is not None:
+            turn.teacher_logprobs = teacher_logprobs  # the hook's divergence policies read these
         traj.turns.append(turn)
         ep.generated += len(sample.token_ids)
         ep.length += len(sample.token_ids)

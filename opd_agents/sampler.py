@@ -48,9 +48,11 @@ class KVBatch:
         return 0 if self.mask is None else self.mask.shape[0]
 
     @torch.no_grad()
-    def extend(self, chunks: Sequence[Sequence[int]], active: torch.Tensor | None = None) -> torch.Tensor:
+    def extend(self, chunks: Sequence[Sequence[int]], active: torch.Tensor | None = None,
+               all_logits: bool = False) -> torch.Tensor:
         """Feed one chunk per row (left-padded to a rectangle); return fp32 logits of each row's last
-        position [B, V]. ``active`` (bool [B]) marks rows whose chunk is real; others feed a masked pad."""
+        position [B, V] (``all_logits``: of every chunk position [B, W, V], rows right-aligned).
+        ``active`` (bool [B]) marks rows whose chunk is real; others feed a masked pad."""
         if self.pending:
             chunks = [[*p, *c] for p, c in zip(self.pending, chunks, strict=True)]
             self.pending = []
@@ -73,9 +75,9 @@ class KVBatch:
             position_ids=positions.to(self.device),
             past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=1,  # only the next-token logits; the full [B, T, V] prefill logits are huge
+            logits_to_keep=0 if all_logits else 1,  # the full [B, T, V] prefill logits are huge
         )
-        return out.logits[:, -1, :].float()
+        return out.logits.float() if all_logits else out.logits[:, -1, :].float()
 
     def keep(self, rows: Sequence[int]) -> None:
         """Drop every row not listed (finished episodes leave the batch)."""

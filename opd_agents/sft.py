@@ -42,7 +42,7 @@ def sft_train(model: PreTrainedModel, trajs: Sequence[Trajectory], pad_token_id:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses
 

@@ -22,13 +22,13 @@ from transformers import get_scheduler
 from opd_agents.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from opd_agents.config import RunConfig
 from opd_agents.errors import OpdError
+from opd_agents.divergence import annotate_turns, apply_policies, rollout_stop_reason, step_divergence_metrics
 from opd_agents.evaluation import Evaluator, MetricsLog
 from opd_agents.losses import (
     LossOutput, forward_kl_loss, generalized_jsd_loss, grpo_advantages, reverse_kl_pg_loss,
     topk_forward_kl_loss, topk_generalized_jsd_loss,
 )
 from opd_agents.models import load_model
-from opd_agents.parsers import get_parser
 from opd_agents.policy import AssistantBatch, assistant_batch, cross_entropy, pad_rows
 from opd_agents.registry import make_env
 from opd_agents.renderer import ChatMLRenderer
@@ -36,6 +36,7 @@ from opd_agents.rollout import Rollout
 from opd_agents.sampler import HFSampler
 from opd_agents.components import build_teacher, load_student, load_weights, pick_device, privileged_reference
 from opd_agents.store import TrajectoryWriter
+from opd_agents.teacher.online import OnlineTeacher
 from opd_agents.training_view import TrainingView
 from opd_agents.types import SamplingParams, Trajectory
 
@@ -63,7 +64,7 @@ class Trainer:
 
         env_kwargs = dict(cfg.env.kwargs, limits=cfg.env.limits)
         self.env_factory = lambda: make_env(cfg.env.id, **env_kwargs).unwrapped
-        self.parser = get_parser(env_kwargs.get("parser", "hermes"))
+        self.parser = self.env_factory().parser  # the env's tool-call format decides the sampler's stops
         self.student, self.tokenizer = load_student(cfg, self.device, self.dtype)
         self.renderer = ChatMLRenderer(self.tokenizer, self.parser)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
@@ -75,6 +76,7 @@ class Trainer:
         self.privileged = privileged_reference(self.env_factory) if cfg.teacher.privileged else None
         self.teacher = build_teacher(cfg, self.env_factory, self.tokenizer, self.renderer, self.privileged,
                                      self.device, self.console)
+        self._setup_rollout_truncation()
         self.evaluator = Evaluator(cfg, self.env_factory, self.renderer, self.privileged)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
@@ -82,6 +84,19 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir)
         self.start_step = 0
         self.summary: dict[str, Any] = {}
+
+    def _setup_rollout_truncation(self) -> None:
+        """Rollout-time truncation: stop episodes after m invalid calls and/or when a turn's d_k > tau
+        (the latter scores every turn as it is sampled, with the teacher's KV cache reused)."""
+        dcfg = self.cfg.divergence
+        if dcfg.rollout_truncation == "none":
+            return
+        self.rollout.turn_hook = lambda traj, turn: rollout_stop_reason(traj, dcfg)
+        if dcfg.rollout_truncation in ("threshold", "both"):
+            model = getattr(self.teacher, "model", None)
+            if model is None:
+                raise OpdError("divergence.rollout_truncation on d_k needs an in-process (hf) teacher")
+            self.rollout.online_teacher = OnlineTeacher(model, self.pad_id, self.teacher.view.prompt_ids)
 
     # ---- resume ------------------------------------------------------------------------------------
     def resume(self) -> bool:
@@ -100,8 +115,10 @@ class Trainer:
         return True
 
     # ---- main loop ---------------------------------------------------------------------------------
-    def train(self) -> dict[str, Any]:
+    def train(self, until_step: int | None = None) -> dict[str, Any]:
+        """Run to ``train.steps`` (or stop after ``until_step``, as if the process had been killed there)."""
         cfg, t_start = self.cfg, time.perf_counter()
+        last = min(cfg.train.steps, until_step or cfg.train.steps)
         if self.start_step == 0:
             before = self.evaluator.evaluate(self.student, "student")
             self.summary["student_before"] = before["success_rate"]
@@ -111,7 +128,7 @@ class Trainer:
         with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[live]}"), console=self.console) as bar:
             task = bar.add_task("steps", total=cfg.train.steps, completed=self.start_step, live="")
-            for step in range(self.start_step + 1, cfg.train.steps + 1):
+            for step in range(self.start_step + 1, last + 1):
                 row = self.train_step(step, writer)
                 if step % cfg.eval.every == 0 or step == cfg.train.steps:
                     ev = self.evaluator.evaluate(self.student, "student")
@@ -158,13 +175,22 @@ class Trainer:
         seeds = [s for s in step_seeds(cfg.seed, step, tc.tasks_per_step) for _ in range(tc.group_size)]
         on_policy = np.random.default_rng([cfg.seed, step, 1]).random() < tc.on_policy_fraction
         self.rollout.reseed(cfg.seed * 1_000_003 + step)
+        online_before = self.rollout.online_teacher.tokens_processed if self.rollout.online_teacher else 0
         if on_policy:
             trajs = self.rollout.run(seeds)
         else:
             trajs = self.evaluator.off_policy_trajectories(seeds, self.teacher, tc.off_policy_source)
         t_roll = time.perf_counter()
-        scores = self.teacher.score_and_apply(trajs, top_k=cfg.loss.top_k) if self._needs_scores(on_policy) else []
+        online = self.rollout.online_teacher if on_policy else None
+        online_tokens = online.tokens_processed - online_before if online else 0
+        scored_online = online is not None and cfg.loss.top_k == 0 and all(
+            turn.teacher_logprobs is not None for t in trajs for turn in t.turns)
+        needs_scores = self._needs_scores(on_policy) and not scored_online
+        scores = self.teacher.score_and_apply(trajs, top_k=cfg.loss.top_k) if needs_scores else []
         topk = {t.id: s for t, s in zip(trajs, scores, strict=False)} if cfg.loss.top_k else {}
+        for t, s in zip(trajs, scores or [None] * len(trajs), strict=True):
+            annotate_turns(t, s.topk_logprobs if s is not None else None)
+            apply_policies(t, cfg.divergence)
         t_teacher = time.perf_counter()
         aux = self.evaluator.best_teacher_trajectories(step_seeds(cfg.seed, step, tc.tasks_per_step),
                                                         self.teacher, self.student) \
@@ -199,7 +225,9 @@ class Trainer:
             "step": step, "on_policy": on_policy, "loss": total_loss, "aux_loss": aux_loss,
             "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
             **{f"loss/{k}": v for k, v in agg.items()}, **{f"rollout/{k}": v for k, v in roll.items()},
-            "teacher_tokens": sum(s.tokens_processed for s in scores), "student_tokens": n_tokens,
+            **step_divergence_metrics(trajs),
+            "teacher_tokens": sum(s.tokens_processed for s in scores), "teacher_tokens_rollout": online_tokens,
+            "trajectory_tokens": sum(t.num_tokens for t in trajs), "student_tokens": n_tokens,
             "time/rollout_s": t_roll - t0, "time/teacher_s": t_teacher - t_roll,
             "time/step_s": time.perf_counter() - t0,
         }
@@ -218,8 +246,11 @@ class Trainer:
                     topk: dict[str, Any]) -> LossOutput:
         lc = self.cfg.loss
         batch = assistant_batch(self.student, [TrainingView.from_trajectory(t) for t in micro], self.pad_id)
-        if not on_policy and not self._has_full_teacher() and not lc.top_k:
-            return LossOutput(cross_entropy(batch), {})  # off-policy without teacher distributions: SFT
+        batch.mask = batch.mask * (batch.weights > 0)  # turns a truncation policy dropped carry no loss
+        off_policy_sft = not on_policy and (self.cfg.train.off_policy_source == "expert"
+                                            or (not self._has_full_teacher() and not lc.top_k))
+        if off_policy_sft:  # expert data, or teacher samples without teacher distributions: plain SFT
+            return LossOutput(cross_entropy(batch), {"nll": float(cross_entropy(batch))})
         if lc.kind == "reverse_kl" and on_policy:
             adv = advantages.to(batch.mask.device) if advantages is not None else None
             return reverse_kl_pg_loss(batch.logprobs, batch.sampling_logprobs, batch.teacher_logprobs, batch.mask,

@@ -1,0 +1,35 @@
+"""The README's examples run as written (a newcomer's first attempt must succeed)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks(section: str) -> list[str]:
+    text = README.read_text()
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, re.S)
+
+
+def test_define_your_own_environment_example_runs(tmp_path: Path, monkeypatch: Any, tiny_model_dir: Path) -> None:
+    define, play = python_blocks("Define your own environment")
+    out = io.StringIO()
+    namespace: dict[str, Any] = {}
+    with contextlib.redirect_stdout(out):
+        exec(compile(define, "README:define", "exec"), namespace)
+    assert out.getvalue().splitlines() == [
+        "What is the capital of Japan? Finish with 'Answer: <city>'.", "Tokyo None", "1.0 True completed"]
+
+    # The model-playing block, with the built-in model swapped for the tiny one (speed) and run in tmp.
+    monkeypatch.chdir(tmp_path)
+    exec(compile(play.replace('"smollm2-135m-instruct"', repr(str(tiny_model_dir))), "README:play", "exec"),
+         namespace)
+    trajs = namespace["trajectories"]
+    assert len(trajs) == 8 and all(t.env_id == "custom" and t.turns for t in trajs)
+    assert (tmp_path / "runs" / "capitals.jsonl").read_text().count("\n") == 8

@@ -1,0 +1,181 @@
+"""The OPD loop on a tiny model: every loss, resume == uninterrupted, LoRA, off-policy, strength check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from opd_agents.checkpoint import latest_checkpoint
+from opd_agents.cli import app
+from opd_agents.config import load_config, parse_config
+from opd_agents.errors import ConfigError
+from opd_agents.models import build_tiny_model
+from opd_agents.trainer import TeacherTooWeakError, Trainer, step_seeds
+from tests.test_rollout import EchoEnv
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_cfg(tmp_path: Path, model: Path, **overrides: Any) -> Any:
+    base: dict[str, Any] = {
+        "run_dir": str(tmp_path / "run"),
+        "env": {"id": "opd_agents/Arithmetic-v0", "kwargs": {"difficulty": 1},
+                "limits": {"max_turns": 2, "max_tokens_per_turn": 8}},
+        "student": {"model": str(model)},
+        "teacher": {"model": str(model)},
+        "train": {"steps": 2, "tasks_per_step": 2, "micro_batch_size": 2, "checkpoint_every": 1, "lr": 1e-3},
+        "eval": {"every": 100, "episodes": 2},
+        "teacher_strength": {"episodes": 0},
+        "max_tokens_per_turn": 8,
+    }
+    for dotted, value in overrides.items():
+        node = base
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(base)
+
+
+def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("loss", [
+    {"loss.kind": "reverse_kl"},
+    {"loss.kind": "forward_kl"},
+    {"loss.kind": "jsd", "loss.beta": 0.5},
+    {"loss.kind": "forward_kl", "loss.top_k": 8, "loss.tail": "bucket"},
+    {"loss.kind": "reverse_kl", "loss.outcome_coef": 1.0, "train.group_size": 2},
+])
+def test_every_loss_trains_and_updates_the_student(tmp_path: Path, tiny_model_dir: Path, loss: dict[str, Any]) -> None:
+    trainer = Trainer(tiny_cfg(tmp_path, tiny_model_dir, **loss))
+    before = params(trainer.student)
+    summary = trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["step"] > 0 and "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert all(r["student_tokens"] > 0 and r["teacher_tokens"] > 0 for r in steps)
+    changed = sum(not torch.equal(before[k], v) for k, v in params(trainer.student).items())
+    assert changed > 0
+    assert "student_before" in summary and "student_after" in summary
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_000002"
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, tiny_model_dir: Path) -> None:
+    straight = Trainer(tiny_cfg(tmp_path / "a", tiny_model_dir, **{"train.steps": 3}))
+    straight.train()
+
+    first = Trainer(tiny_cfg(tmp_path / "b", tiny_model_dir, **{"train.steps": 3}))
+    first.train(until_step=2)  # "killed" after the step-2 checkpoint
+    # A checkpoint the process was killed while writing must be ignored.
+    (tmp_path / "b" / "run" / "checkpoints" / ".step_000003.partial").mkdir()
+    resumed = Trainer(tiny_cfg(tmp_path / "b", tiny_model_dir, **{"train.steps": 3}))
+    assert resumed.resume() and resumed.start_step == 2
+    resumed.train()
+    a, b = params(straight.student), params(resumed.student)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+    def train_seeds(run: Path) -> list[int]:
+        return [json.loads(line)["seed"] for line in (run / "trajectories.jsonl").read_text().splitlines()]
+
+    assert train_seeds(tmp_path / "a" / "run") == train_seeds(tmp_path / "b" / "run")
+    assert train_seeds(tmp_path / "a" / "run")[4:] == step_seeds(0, 3, 2)
+
+
+def test_lora_trains_only_the_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
+    trainer = Trainer(tiny_cfg(tmp_path, tiny_model_dir, **{"student.lora": {"r": 4, "alpha": 8}}))
+    before = params(trainer.student)
+    trainer.train()
+    after = params(trainer.student)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert ckpt is not None and (ckpt / "model" / "adapter_model.safetensors").is_file()
+
+
+def test_off_policy_expert_batches_use_sft(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, **{"train.on_policy_fraction": 0.0,
+                                                  "train.off_policy_source": "expert", "loss.kind": "reverse_kl"})
+    trainer = Trainer(cfg)
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert all(r["on_policy"] is False for r in steps)
+    assert all(r["rollout/success_rate"] == 1.0 for r in steps)  # the scripted expert's own episodes
+    assert all(r["loss"] > 1.0 for r in steps)  # NLL of expert tokens under a random tiny model
+
+
+def test_best_of_n_teacher_trajectories_add_an_aux_loss(tmp_path: Path, tiny_model_dir: Path) -> None:
+    trainer = Trainer(tiny_cfg(tmp_path, tiny_model_dir, **{"train.teacher_rollouts_per_task": 2,
+                                                              "train.steps": 1}))
+    trainer.train()
+    row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["aux_loss"] > 0.0
+
+
+def test_teacher_not_stronger_stops_when_configured(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, **{"teacher_strength": {"episodes": 2, "min_gap": 0.5,
+                                                                      "on_weak": "stop"}})
+    with pytest.raises(TeacherTooWeakError, match="not clearly stronger"):
+        Trainer(cfg).train()
+
+
+def test_shipped_configs_validate() -> None:
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"train.stepz": 3}, "unknown key 'train.stepz'; allowed keys here: checkpoint_every"),
+    ({"loss.kind": "fkl"}, "'loss.kind' = 'fkl': Input should be 'reverse_kl', 'forward_kl' or 'jsd'"),
+    ({"train.lr": -1}, "'train.lr' = -1: Input should be greater than 0"),
+])
+def test_bad_config_gets_one_clear_message(tmp_path: Path, override: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(CONFIGS / "quickstart.yaml", override)
+
+
+def test_cli_refuses_bad_config_before_any_work(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: x\ntrain: {steps: 0}\n")
+    result = CliRunner().invoke(app, ["train", "-c", str(bad)])
+    assert result.exit_code == 2
+    assert "'train.steps' = 0" in result.output and not (tmp_path / "x").exists()
+
+
+def test_rollout_time_truncation_on_divergence(tmp_path: Path, tiny_model_dir: Path,
+                                               smollm2_tokenizer_dir: Path) -> None:
+    """tau = 0: every episode is cut right after its first scored turn, with stop_reason divergence, and
+    the online teacher (KV cache reused turn by turn) already supplied the logprobs: no re-scoring pass."""
+    other_teacher = build_tiny_model(tmp_path / "teacher", smollm2_tokenizer_dir, seed=1)  # d_k > 0 surely
+    if "opd_agents_test/Echo-v0" not in gym.registry:  # every message is a tool call: multi-turn episodes
+        gym.register("opd_agents_test/Echo-v0", entry_point=EchoEnv, disable_env_checker=True)
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, **{"divergence.rollout_truncation": "threshold", "divergence.tau": 0.0,
+                                                  "train.steps": 1, "env.id": "opd_agents_test/Echo-v0",
+                                                  "env.kwargs": {}, "env.limits.max_turns": 3,
+                                                  "env.limits.max_tokens_per_turn": 48, "max_tokens_per_turn": 48,
+                                                  "teacher.model": str(other_teacher)})
+    trainer = Trainer(cfg)
+    trainer.train()
+    row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    trajs = [json.loads(line) for line in (tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()]
+    for t in trajs:
+        assert t["stop_reason"] == "divergence" and len(t["turns"]) == 1
+        assert t["turns"][0]["teacher_logprobs"] is not None and t["turns"][0]["divergence"] > 0
+    assert row["teacher_tokens"] == 0 and row["teacher_tokens_rollout"] > 0
+
+
+def test_loss_time_truncation_masks_turns_after_first_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, **{"divergence.loss_truncation": "first_error", "divergence.sod": True,
+                                                  "train.steps": 1})
+    Trainer(cfg).train()
+    row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert "div/d_turn_0" in row and "div/mean_weight" in row
