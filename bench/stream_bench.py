@@ -31,8 +31,9 @@ TURNS, TOKENS_PER_TURN, PROMPT_TOKENS = 4, 128, 200
 
 def template() -> dict:
     """A valid schema-v1 record (built through the model, so the bench follows schema changes)."""
-    turns = [Turn(index=k, token_ids=[0], sampling_logprobs=[0.0], teacher_logprobs=[0.0], text="", finish="tool_call",
-                  observation_ids=[0], tool_calls=[ToolCall(id=f"c{k}", name="calculator", arguments={"expression": ""})],
+    turns = [Turn(index=k, token_ids=[0], sampling_logprobs=[0.0], teacher_logprobs=[0.0], text="",
+                  finish="tool_call", observation_ids=[0],
+                  tool_calls=[ToolCall(id=f"c{k}", name="calculator", arguments={"expression": ""})],
                   tool_results=[ToolResult(call_id=f"c{k}", name="calculator", content="")])
              for k in range(TURNS)]
     traj = Trajectory(env_id="opd_agents/Arithmetic-v0", task_id="t", seed=0, model_id="bench", teacher_id="bench",
@@ -102,7 +103,8 @@ def main() -> None:
             src = work / "trajectories.jsonl"
             t0 = time.perf_counter()
             n = generate(src, args.size_mb)
-            print(f"generated {n} trajectories, {src.stat().st_size / 2**20:.0f} MB in {time.perf_counter() - t0:.0f} s")
+            mb = src.stat().st_size / 2**20
+            print(f"generated {n} trajectories, {mb:.0f} MB in {time.perf_counter() - t0:.0f} s")
         size = src.stat().st_size
         cli = [sys.executable, "-m", "opd_agents.cli"]
         rows = [
@@ -122,7 +124,8 @@ def main() -> None:
     print(f"\ninput: {size / 2**20:.0f} MB  ({src})")
     print(f"{'step':<30} {'wall s':>8} {'MB/s':>7} {'peak RSS MB':>12} {'out MB':>8}")
     for r in rows:
-        print(f"{r['step']:<30} {r['wall_s']:>8.1f} {r['mb_per_s']:>7.1f} {r['peak_rss_mb']:>12.0f} {r['out_mb']:>8.1f}")
+        print(f"{r['step']:<30} {r['wall_s']:>8.1f} {r['mb_per_s']:>7.1f} {r['peak_rss_mb']:>12.0f} "
+              f"{r['out_mb']:>8.1f}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def ratio_rgb(ratio: float, scale: float = RATIO_SCALE) -> tuple[int, int, int]:
     """Background colour of a token: white at 0, green as the teacher agrees more, red as it finds the
     token unlikely; saturates at ``scale`` nats. Shared by the terminal replay and the HTML report."""
     x = max(-1.0, min(1.0, ratio / scale))
-    fade = int(round(255 * (1 - abs(x))))
+    fade = round(255 * (1 - abs(x)))
     return (fade, 255, fade) if x >= 0 else (255, fade, fade)
 
 

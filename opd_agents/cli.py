@@ -180,12 +180,12 @@ def replay(
     stop_reason: Annotated[Optional[list[str]], typer.Option(help="only these stop reasons (repeatable)")] = None,
     has_tool_error: Annotated[Optional[bool], typer.Option("--has-tool-error/--no-tool-error",
                                                            help="only episodes with / without a tool error")] = None,
-    first_error_turn: Annotated[Optional[int], typer.Option(help="only episodes whose first tool error is at this turn")] = None,
+    first_error_turn: Annotated[Optional[int], typer.Option(help="only if the first tool error is at turn K")] = None,
     min_divergence: Annotated[Optional[float], typer.Option(help="only episodes with some turn d_k >= this")] = None,
     id_: Annotated[Optional[list[str]], typer.Option("--id", help="only these trajectory ids (repeatable)")] = None,
     limit: Annotated[int, typer.Option(help="show at most N trajectories (0: all)")] = 20,
-    tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="colour tokens by teacher-student log-ratio")] = True,
-    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer dir for the token view (default: built-in smollm2)")] = None,
+    tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="colour tokens by log pi_T - log pi_S")] = True,
+    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer dir (default: built-in smollm2)")] = None,
 ) -> None:
     """Replay stored trajectories turn by turn (streams the file; filters combine with AND)."""
     from opd_agents.analysis import TrajectoryFilter, iter_filtered
@@ -209,10 +209,12 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="a training run directory")],
     out: Annotated[Optional[Path], typer.Option(help="HTML file (default: RUN_DIR/report.html)")] = None,
     trajectories: Annotated[int, typer.Option(help="trajectories in the per-token heatmap")] = 3,
-    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer dir for the heatmap (default: built-in smollm2)")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer dir (default: built-in smollm2)")] = None,
     screenshot: Annotated[Optional[Path], typer.Option(help="also save a PNG of the report (needs chromium)")] = None,
 ) -> None:
     """Write one self-contained HTML report (no network, no external files) of a training run."""
+    import subprocess
+
     from opd_agents.report import screenshot as take_screenshot
     from opd_agents.report import write_report
 
@@ -221,7 +223,7 @@ def report(
         console.print(f"wrote {path}")
         if screenshot:
             console.print(f"wrote {take_screenshot(path, screenshot)}")
-    except (OpdError, OSError) as e:
+    except (OpdError, OSError, subprocess.SubprocessError) as e:  # chromium missing, failing or hanging
         _fail_line(e)
 
 
@@ -235,7 +237,7 @@ def score(
     top_k: Annotated[int, typer.Option(help="also record the teacher's top-k mass and entropy per turn")] = 0,
     batch_size: Annotated[int, typer.Option(help="trajectories read and scored per chunk")] = 8,
     device: Annotated[str, typer.Option(help="hf backend device")] = "cpu",
-    student: Annotated[Optional[str], typer.Option(help="the student's model dir: its tokenizer is checked against the teacher's")] = None,
+    student: Annotated[Optional[str], typer.Option(help="student model: check its tokenizer = teacher's")] = None,
 ) -> None:
     """Re-score stored trajectories with another teacher, without re-running the environment."""
     from pydantic import ValidationError
@@ -268,7 +270,7 @@ def export(
     file: Annotated[Path, typer.Argument(help="trajectory JSONL")],
     out: Annotated[Path, typer.Option("--out", help="parquet: a .parquet file; hf: a directory")],
     format_: Annotated[str, typer.Option("--format", help="parquet | hf")] = "parquet",
-    level: Annotated[str, typer.Option(help="trajectory (one row per episode) | turn (one row per turn)")] = "trajectory",
+    level: Annotated[str, typer.Option(help="trajectory (row per episode) | turn (row per turn)")] = "trajectory",
 ) -> None:
     """Export trajectories (streamed) to Parquet or a Hugging Face dataset (save_to_disk)."""
     from opd_agents.export import export_hf, export_parquet

@@ -41,7 +41,7 @@ class TokenDecoder:
                 from opd_agents.models import tokenizer_dir
 
                 self._tok = AutoTokenizer.from_pretrained(self.source if self.source else tokenizer_dir())
-            except Exception as e:  # noqa: BLE001 - any failure only turns token colouring off
+            except Exception as e:  # noqa: BLE001 - any failure only turns the token view off
                 self._failed = True
                 if self.on_unavailable:
                     self.on_unavailable(f"token view off (tokenizer {self.source or 'smollm2 built-in'} "

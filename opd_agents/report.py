@@ -33,12 +33,12 @@ from opd_agents.types import Trajectory
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars")
 COMPLETED = {"completed", "tool_stop"}  # the episode's own end; everything else is a truncation
-CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left}
-svg{max-width:100%;height:auto}.nodata{color:#888;font-style:italic}.warn{color:#a60}
-.traj{border:1px solid #ccc;border-radius:6px;padding:.6em;margin:1em 0}.turn{margin:.5em 0}
-.tokens{font-family:monospace;white-space:pre-wrap;line-height:1.7}.tok{border-radius:2px}
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}h1{font-size:1.6em}
+h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}table{border-collapse:collapse}
+td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left}svg{max-width:100%;height:auto}
+.nodata{color:#888;font-style:italic}.warn{color:#a60}.turn{margin:.5em 0}.tok{border-radius:2px}
+.traj{border:1px solid #ccc;border-radius:6px;padding:.6em;margin:1em 0}
+.tokens{font-family:monospace;white-space:pre-wrap;line-height:1.7}
 .err{color:#c00;font-weight:bold}.tool{font-family:monospace;font-size:.9em;color:#036}"""
 
 
@@ -65,10 +65,7 @@ class TrajStats:
         d = max_divergence(traj)
         if keep and d is not None:
             item = (d, -self.n, traj)  # ties: the earlier trajectory wins
-            if len(self.top) < keep:
-                heapq.heappush(self.top, item)
-            else:
-                heapq.heappushpop(self.top, item)
+            (heapq.heappush if len(self.top) < keep else heapq.heappushpop)(self.top, item)
 
 
 def read_trajectory_stats(path: Path, keep: int = 0, max_turns: int = 8) -> TrajStats | None:
@@ -105,7 +102,7 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
+        data = None
     return data if isinstance(data, dict) else {}
 
 
@@ -152,13 +149,12 @@ def curves_section(rows: list[dict[str, Any]]) -> str:
         return nodata("metrics.jsonl has no loss / success / reward rows")
     fig, axes = figure(3)
     for ax, (title, keys) in zip(axes, panels, strict=True):
-        drawn = False
         for key in keys:
             x, y = series(rows, key)
             if x:
-                ax.plot(x, y, marker="o", markersize=3, label=key.replace("eval/", "held-out ").replace("rollout/", "train "))
-                drawn = True
-        if drawn:
+                label = key.replace("eval/", "held-out ").replace("rollout/", "train ")
+                ax.plot(x, y, marker="o", markersize=3, label=label)
+        if ax.lines:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
@@ -168,14 +164,16 @@ def curves_section(rows: list[dict[str, Any]]) -> str:
 
 
 def divergence_section(stats: TrajStats | None) -> str:
-    # group -> [(turn index, mean d_k, scored turns)] over the cells that have data
-    cells = {g: [(k, m, int(n)) for k, (m, n) in enumerate(zip(stats.divergence[g], stats.divergence[f"{g}_n"],
-                                                                strict=True)) if m is not None]
-             for g in ("with_error", "no_error")} if stats and stats.divergence else {}
+    cells: dict[str, list[tuple[int, float, int]]] = {}  # group -> (turn index, mean d_k, scored turns)
+    table = stats.divergence if stats else {}
+    for g in ("with_error", "no_error") if table else ():
+        cells[g] = [(k, m, int(n)) for k, (m, n) in enumerate(zip(table[g], table[f"{g}_n"], strict=True))
+                    if m is not None]
     if not any(cells.values()):
         return nodata("no scored turns (teacher logprobs) in trajectories.jsonl")
     fig, (ax,) = figure(1, 7.0, 3.4)
-    for group, label, color in (("no_error", "no tool error", "tab:blue"), ("with_error", "with a tool error", "tab:red")):
+    for group, label, color in (("no_error", "no tool error", "tab:blue"),
+                                ("with_error", "with a tool error", "tab:red")):
         if cells[group]:
             ax.plot([k for k, _, _ in cells[group]], [m for _, m, _ in cells[group]], marker="o", color=color,
                     label=label)
@@ -194,7 +192,8 @@ def div_metrics_section(rows: list[dict[str, Any]]) -> str:
     if not keys:
         return nodata("metrics.jsonl has no div/* metrics")
     turn_keys = sorted((k for k in keys if re.fullmatch(r"div/d_turn_\d+", k)), key=lambda k: int(k.rsplit("_", 1)[1]))
-    panels = [("d_k around tool errors", ["div/d_before_error", "div/d_after_error", "div/d_no_error"]),
+    panels = [("d_k around tool errors", ["div/d_before_error", "div/d_error_turn", "div/d_after_error",
+                                          "div/d_no_error"]),
               ("cascade & truncation", ["div/cascade_rate", "div/truncated_share"])]
     fig, axes = figure(3)
     for ax, (title, names) in zip(axes, panels, strict=False):
@@ -240,13 +239,14 @@ def stops_section(files: dict[str, TrajStats | None]) -> str:
 
 
 def errors_section(files: dict[str, TrajStats | None]) -> str:
+    present = {name: s for name, s in files.items() if s and s.n}
+    if not present:
+        return nodata("no trajectories")
     # Rate denominator as in stats.summarize: parsed calls plus unparseable ones.
     rates = {name: {k: v / max(s.tool_calls + s.errors.get("parse_error", 0), 1) for k, v in s.errors.items()}
-             for name, s in files.items() if s and s.n}
-    if not rates:
-        return nodata("no trajectories")
-    calls = ", ".join(f"{html.escape(n)}: {files[n].tool_calls} tool calls, {sum(files[n].errors.values())} errors"  # type: ignore[union-attr]
-                      for n in rates)
+             for name, s in present.items()}
+    calls = ", ".join(f"{html.escape(name)}: {s.tool_calls} tool calls, {sum(s.errors.values())} errors"
+                      for name, s in present.items())
     if not any(rates.values()):
         return f'<p class="nodata">no tool errors ({calls})</p>'
     fig, (ax,) = figure(1, 8.0, 3.4)
@@ -259,8 +259,8 @@ def errors_section(files: dict[str, TrajStats | None]) -> str:
 def heatmap_legend() -> str:
     cells = "".join(f'<span class="tok" style="background:rgb{ratio_rgb(v)}">&nbsp;{v:+.1f}&nbsp;</span>'
                     for v in (-RATIO_SCALE, -RATIO_SCALE / 2, 0.0, RATIO_SCALE / 2, RATIO_SCALE))
-    return (f"<p>token colour = log π<sub>T</sub> − log π<sub>S</sub> (nats): {cells} — red: the teacher finds the "
-            f"student's token unlikely; green: the teacher prefers it more. Hover a token for its numbers.</p>")
+    return (f"<p>token colour = log π<sub>T</sub> − log π<sub>S</sub> (nats): {cells} — red: the teacher finds "
+            f"the student's token unlikely; green: the teacher prefers it more. Hover a token for its numbers.</p>")
 
 
 def heatmap_trajectory(traj: Trajectory, decode: TokenDecoder) -> str:
@@ -333,9 +333,9 @@ def build_report(run_dir: str | os.PathLike[str], *, trajectories: int = 3,
         raise FileNotFoundError(f"run directory {run} does not exist")
     rows, bad = read_metrics(run / "metrics.jsonl")
     cfg = read_json(run / "config.json")
-    max_turns = _get(cfg, "env.limits.max_turns")
-    train = read_trajectory_stats(run / "trajectories.jsonl", keep=trajectories,
-                                  max_turns=max_turns if isinstance(max_turns, int) and max_turns > 0 else 8)
+    max_turns = _get(cfg, "env.limits.max_turns")  # the divergence table's width; 8 without a config
+    max_turns = max_turns if isinstance(max_turns, int) and max_turns > 0 else 8
+    train = read_trajectory_stats(run / "trajectories.jsonl", keep=trajectories, max_turns=max_turns)
     files = {"train": train, "held-out eval": read_trajectory_stats(run / "eval_trajectories.jsonl")}
     sections = [
         ("Learning curves", curves_section(rows)),

@@ -277,7 +277,7 @@ def test_score_with_another_teacher(rolled_out: Path, tiny_model_dir: Path, tmp_
             # The teacher is the sampling model itself: its logprobs reproduce the sampling ones, d_k ~ 0.
             assert max(abs(a - b) for a, b in zip(n.teacher_logprobs, o.sampling_logprobs, strict=True)) <= 1e-4
             assert n.divergence == pytest.approx(
-                sum(abs(a - b) for a, b in zip(n.teacher_logprobs, n.sampling_logprobs)) / len(n.token_ids))
+                sum(abs(a - b) for a, b in zip(n.teacher_logprobs, n.sampling_logprobs, strict=True)) / len(n.token_ids))
             assert n.divergence <= 1e-4 and o.divergence == 99.0
             mass = [sum(math.exp(lp) for lp in pos) for pos in s.topk_logprobs[k]]
             assert n.metrics["teacher_topk_mass"] == pytest.approx(sum(mass) / len(mass))

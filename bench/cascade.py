@@ -1,0 +1,61 @@
+"""Cascade reproduction: mean per-turn divergence d_k by turn index, trajectories with a tool error vs without
+(the analogue of SOD's Fig. 1a), from any file of teacher-scored trajectories.
+
+    .venv/bin/python bench/cascade.py runs/quickstart/trajectories.jsonl --plot docs/img/cascade.png
+
+Training runs write scored trajectories (teacher logprobs and d_k on every turn) to RUN_DIR/trajectories.jsonl;
+`opd-agents score` scores any other trajectory file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from opd_agents.divergence import divergence_table
+from opd_agents.store import iter_trajectories
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trajectories", type=Path)
+    ap.add_argument("--max-turns", type=int, default=6)
+    ap.add_argument("--plot", type=Path, help="write the figure here (PNG or SVG)")
+    args = ap.parse_args()
+
+    trajs = [t for t in iter_trajectories(args.trajectories) if any(x.teacher_logprobs for x in t.turns)]
+    table = divergence_table(trajs, max_turns=args.max_turns)
+    with_err = sum(1 for t in trajs if t.first_error_turn is not None)
+    print(f"{len(trajs)} scored trajectories ({with_err} with a tool error) from {args.trajectories}\n")
+    print(f"{'turn k':>6} | {'d_k with tool error':>20} {'n':>5} | {'d_k without':>12} {'n':>5}")
+    for k in range(args.max_turns):
+        a, na = table["with_error"][k], table["with_error_n"][k]
+        b, nb = table["no_error"][k], table["no_error_n"][k]
+        if not na and not nb:
+            continue
+        fa = f"{a:.3f}" if a is not None else "-"
+        fb = f"{b:.3f}" if b is not None else "-"
+        print(f"{k + 1:>6} | {fa:>20} {int(na or 0):>5} | {fb:>12} {int(nb or 0):>5}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for key, label in (("with_error", "with a tool error"), ("no_error", "without")):
+            pts = [(k + 1, v) for k, v in enumerate(table[key]) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+        ax.set_xlabel("turn k")
+        ax.set_ylabel("mean d_k = mean |log pi_S - log pi_T|")
+        ax.set_title("per-turn student-teacher divergence")
+        ax.legend()
+        fig.tight_layout()
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=120)
+        print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
