@@ -25,7 +25,8 @@ console = Console()
 
 
 def fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    """One unwrapped line, never read as rich markup (paths and model text may contain brackets); exit 2."""
+    console.print(Text.assemble(("error:", "bold red"), f" {err}"), soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -133,7 +134,8 @@ def train(
         summary = trainer.train()
     except OpdError as e:
         fail(e)
-    table = Table(title=f"{cfg.env.id} · held-out success ({cfg.eval.episodes} tasks, seed {cfg.seed})")
+    table = Table("", "held-out success", min_width=64,
+                  title=f"{cfg.env.id} · {cfg.eval.episodes} held-out tasks · seed {cfg.seed}")
     for key, label in (("student_before", "student before"), ("student_after", "student after"),
                        ("teacher", "teacher")):
         if key in summary:
@@ -152,13 +154,6 @@ def _report_issue(issue: Any) -> None:
     err_console.print(f"warning: skipped {issue}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
-def _fail_line(err: Exception) -> None:
-    """Like ``fail``, but the message stays one unwrapped line and is never read as rich markup (paths
-    and model text may contain brackets)."""
-    console.print(Text.assemble(("error:", "bold red"), f" {err}"), soft_wrap=True, highlight=False)
-    raise typer.Exit(code=2)
-
-
 def _stop_reasons(values: list[str] | None) -> frozenset[str] | None:
     from opd_agents.types import StopReason
 
@@ -167,7 +162,7 @@ def _stop_reasons(values: list[str] | None) -> frozenset[str] | None:
     allowed = {r.value for r in StopReason} | {"none"}
     unknown = sorted(set(values) - allowed)
     if unknown:
-        _fail_line(ValueError(f"unknown --stop-reason {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"))
+        fail(ValueError(f"unknown --stop-reason {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"))
     return frozenset(values)
 
 
@@ -199,7 +194,7 @@ def replay(
         shown = show(iter_filtered(file, flt, on_error=_report_issue), console, limit=limit or None,
                      tokenizer=tokenizer, tokens=tokens)
     except (OpdError, OSError) as e:
-        _fail_line(e)
+        fail(e)
     if not shown:
         console.print("no trajectory matched")
 
@@ -224,7 +219,7 @@ def report(
         if screenshot:
             console.print(f"wrote {take_screenshot(path, screenshot)}")
     except (OpdError, OSError, subprocess.SubprocessError) as e:  # chromium missing, failing or hanging
-        _fail_line(e)
+        fail(e)
 
 
 @app.command()
@@ -261,7 +256,7 @@ def score(
         with make_teacher(cfg, student_tokenizer=student_tok) as scorer:
             n = rescore_file(file, out, scorer, batch_size=batch_size, top_k=top_k, on_error=_report_issue)
     except (OpdError, OSError, ValueError, ValidationError) as e:
-        _fail_line(e)
+        fail(e)
     console.print(f"re-scored {n} trajectories with {teacher} in {time.perf_counter() - t0:.1f} s -> {out}")
 
 
@@ -276,15 +271,15 @@ def export(
     from opd_agents.export import export_hf, export_parquet
 
     if format_ not in ("parquet", "hf"):
-        _fail_line(ValueError(f"--format must be 'parquet' or 'hf', got {format_!r}"))
+        fail(ValueError(f"--format must be 'parquet' or 'hf', got {format_!r}"))
     if level not in ("trajectory", "turn"):
-        _fail_line(ValueError(f"--level must be 'trajectory' or 'turn', got {level!r}"))
+        fail(ValueError(f"--level must be 'trajectory' or 'turn', got {level!r}"))
     t0 = time.perf_counter()
     try:
         fn = export_parquet if format_ == "parquet" else export_hf
         n = fn(file, out, level=level, on_error=_report_issue)  # type: ignore[arg-type]
     except (OpdError, OSError, ValueError) as e:
-        _fail_line(e)
+        fail(e)
     console.print(f"exported {n} {level} rows to {out} ({format_}, {time.perf_counter() - t0:.1f} s)")
 
 

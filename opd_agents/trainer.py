@@ -84,6 +84,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir)
         self.start_step = 0
         self.summary: dict[str, Any] = {}
+        self._teacher_rows: dict[str, torch.Tensor] = {}  # this step's full teacher logits per trajectory
 
     def _setup_rollout_truncation(self) -> None:
         """Rollout-time truncation: stop episodes after m invalid calls and/or when a turn's d_k > tau
@@ -185,8 +186,16 @@ class Trainer:
         online_tokens = online.tokens_processed - online_before if online else 0
         scored_online = online is not None and cfg.loss.top_k == 0 and all(
             turn.teacher_logprobs is not None for t in trajs for turn in t.turns)
-        needs_scores = self._needs_scores(on_policy) and not scored_online
-        scores = self.teacher.score_and_apply(trajs, top_k=cfg.loss.top_k) if needs_scores else []
+        teacher_tokens = 0
+        if self._uses_full_teacher_logits(on_policy):
+            # One teacher pass gives both the full distributions for the loss and the sampled-token
+            # logprobs for telemetry and the divergence policies.
+            teacher_tokens = self._full_teacher_pass(trajs)
+            scores = []
+        else:
+            needs_scores = self._needs_scores(on_policy) and not scored_online
+            scores = self.teacher.score_and_apply(trajs, top_k=cfg.loss.top_k) if needs_scores else []
+            teacher_tokens = sum(s.tokens_processed for s in scores)
         topk = {t.id: s for t, s in zip(trajs, scores, strict=False)} if cfg.loss.top_k else {}
         for t, s in zip(trajs, scores or [None] * len(trajs), strict=True):
             annotate_turns(t, s.topk_logprobs if s is not None else None)
@@ -212,6 +221,7 @@ class Trainer:
             total_loss += out.loss.item() * share
             for k, v in out.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v * share
+        self._teacher_rows = {}
         aux_loss = self._aux_loss(aux) if aux else 0.0
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), tc.max_grad_norm)
         self.optimizer.step()
@@ -226,11 +236,31 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
             **{f"loss/{k}": v for k, v in agg.items()}, **{f"rollout/{k}": v for k, v in roll.items()},
             **step_divergence_metrics(trajs),
-            "teacher_tokens": sum(s.tokens_processed for s in scores), "teacher_tokens_rollout": online_tokens,
+            "teacher_tokens": teacher_tokens, "teacher_tokens_rollout": online_tokens,
             "trajectory_tokens": sum(t.num_tokens for t in trajs), "student_tokens": n_tokens,
             "time/rollout_s": t_roll - t0, "time/teacher_s": t_teacher - t_roll,
             "time/step_s": time.perf_counter() - t0,
         }
+
+    def _uses_full_teacher_logits(self, on_policy: bool) -> bool:
+        lc, tc = self.cfg.loss, self.cfg.train
+        sft = not on_policy and tc.off_policy_source == "expert"
+        pg = on_policy and lc.kind == "reverse_kl"
+        return self._has_full_teacher() and not lc.top_k and not sft and not pg
+
+    def _full_teacher_pass(self, trajs: list[Trajectory]) -> int:
+        """Teacher logits at every student token (kept for the loss); fills turn.teacher_logprobs."""
+        rows = self.teacher.logits_for(trajs)  # type: ignore[attr-defined]
+        for traj, row in zip(trajs, rows, strict=True):
+            self._teacher_rows[traj.id] = row
+            targets = torch.tensor([x for turn in traj.turns for x in turn.token_ids], dtype=torch.long)
+            lps = torch.log_softmax(row, dim=-1).gather(1, targets[:, None].to(row.device)).squeeze(1).tolist()
+            start = 0
+            for turn in traj.turns:
+                turn.teacher_logprobs = lps[start : start + len(turn.token_ids)]
+                turn.teacher_id = self.teacher.teacher_id
+                start += len(turn.token_ids)
+        return sum(len(self.teacher.view.build(t).input_ids) for t in trajs if t.turns)
 
     def _needs_scores(self, on_policy: bool) -> bool:
         """Sampled-token teacher logprobs: the PG loss and telemetry; top-k losses need the top-k lists."""
@@ -273,7 +303,7 @@ class Trainer:
         if not self._has_full_teacher():
             raise OpdError(f"loss.kind={self.cfg.loss.kind} over the full vocabulary needs an in-process (hf) "
                            f"teacher; with a server teacher set loss.top_k > 0")
-        rows = [r.to(batch.logits.device, batch.logits.dtype) for r in self.teacher.logits_for(micro)]  # type: ignore[attr-defined]
+        rows = [self._teacher_rows[t.id].to(batch.logits.device, batch.logits.dtype) for t in micro]
         return pad_rows(rows, batch.logits.shape[1])
 
     def _topk_tensors(self, micro: list[Trajectory], topk: dict[str, Any], batch: AssistantBatch,

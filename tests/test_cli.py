@@ -1,0 +1,55 @@
+"""`opd-agents envs` and `opd-agents rollout` as a user runs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from opd_agents.cli import app
+from opd_agents.store import read_trajectories
+
+runner = CliRunner()
+
+
+def test_envs_lists_every_shipped_env_with_its_tools() -> None:
+    result = runner.invoke(app, ["envs"], terminal_width=200)
+    assert result.exit_code == 0
+    for env_id, tool in [("opd_agents/Arithmetic-v0", "calculator"), ("opd_agents/PythonMath-v0", "python"),
+                         ("opd_agents/RetrievalQA-v0", "search, open_document")]:
+        line = next(line for line in result.output.splitlines() if env_id in line)
+        assert tool in line
+
+
+def test_rollout_expert_writes_trajectories_and_prints_summary(tmp_path: Path) -> None:
+    out = tmp_path / "expert.jsonl"
+    result = runner.invoke(app, ["rollout", "--env", "RetrievalQA-v0", "--expert", "-n", "3", "--out", str(out)],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "success_rate" in result.output and '"completed": 3' in result.output
+    trajs = read_trajectories(out)
+    assert [t.seed for t in trajs] == [1_000_000, 1_000_001, 1_000_002] and all(t.success for t in trajs)
+
+
+def test_rollout_with_a_model_dir(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    result = runner.invoke(app, ["rollout", "--env", "opd_agents/Arithmetic-v0", "--model", str(tiny_model_dir),
+                                 "-n", "2", "--max-tokens-per-turn", "8", "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    trajs = read_trajectories(out)
+    assert len(trajs) == 2 and all(t.stop_reason.value == "max_tokens" for t in trajs)
+    assert all(len(t.turns[0].token_ids) == 8 == len(t.turns[0].sampling_logprobs) for t in trajs)
+
+
+def test_rollout_refuses_a_missing_model_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    result = runner.invoke(app, ["rollout", "--env", "Arithmetic-v0", "--model", str(tmp_path / "nope"),
+                                 "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 2
+    assert str(tmp_path / "nope") in result.output.replace("\n", "") and not out.exists()
+
+
+def test_rollout_refuses_an_unknown_env(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["rollout", "--env", "Nope-v0", "--expert", "--out", str(tmp_path / "x.jsonl")],
+                           terminal_width=200)
+    assert result.exit_code == 2 and "unknown environment 'Nope-v0'" in result.output
