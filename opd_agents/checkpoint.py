@@ -41,12 +41,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: Any, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, extra: dict[str, Any]) -> Path:
+                    scheduler: Any, extra: dict[str, Any], tokenizer: Any = None) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step_{step:06d}."))
     try:
         model.save_pretrained(tmp / "model")  # LoRA: the adapter only; full fine-tune: the whole model
+        if tokenizer is not None:  # so `--model RUN/checkpoints/step_N/model` loads like any model dir
+            tokenizer.save_pretrained(tmp / "model")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), "step": step, **extra}, tmp / "trainer_state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step}))

@@ -62,6 +62,8 @@ def rollout(
     batch_size: Annotated[int, typer.Option()] = 16,
     parser: Annotated[str, typer.Option(help="tool-call format: hermes | fenced_json | react")] = "hermes",
     sample_seed: Annotated[Optional[int], typer.Option(help="sampling RNG seed")] = 0,
+    env_arg: Annotated[Optional[list[str]], typer.Option(
+        "--env-arg", help="env constructor argument key=value (YAML value), e.g. --env-arg difficulty=1")] = None,
 ) -> None:
     """Play N episodes, write trajectories, print success rate and stop reasons."""
     from opd_agents.expert import play_expert
@@ -71,7 +73,7 @@ def rollout(
     if split not in ("train", "heldout"):
         fail(ValueError(f"--split must be 'train' or 'heldout', got {split!r}"))
     seeds = [(HELDOUT_SEED_START if split == "heldout" else 0) + seed + i for i in range(n)]
-    env_kwargs = {"parser": parser}
+    env_kwargs = {"parser": parser, **_parse_overrides(env_arg or [])}
     try:
         make_env(env, **env_kwargs)
         t0 = time.perf_counter()
@@ -94,7 +96,7 @@ def rollout(
                                      batch_size=batch_size)
             trajs = runner.run(seeds, progress=True)
         wall = time.perf_counter() - t0
-    except (OpdError, ValueError) as e:
+    except (OpdError, ValueError, TypeError) as e:  # TypeError: an env argument the env does not take
         fail(e)
     with TrajectoryWriter(out) as writer:
         for t in trajs:
@@ -110,7 +112,7 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            fail(ValueError(f"--set expects key=value (e.g. train.steps=10), got {pair!r}"))
+            fail(ValueError(f"expected key=value (e.g. train.steps=10 or difficulty=1), got {pair!r}"))
         out[key.strip()] = yaml.safe_load(value)
     return out
 

@@ -138,7 +138,7 @@ class Trainer:
                 self.metrics.write(row)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                     save_checkpoint(self.run_dir / "checkpoints", step, self.student, self.optimizer,
-                                    self.scheduler, {"summary": self.summary})
+                                    self.scheduler, {"summary": self.summary}, tokenizer=self.tokenizer)
                 live = f"loss {row['loss']:.3f} train-success {row['rollout/success_rate']:.2f}"
                 if "eval/success_rate" in row:
                     live += f" heldout {row['eval/success_rate']:.2f}"

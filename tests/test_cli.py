@@ -53,3 +53,14 @@ def test_rollout_refuses_an_unknown_env(tmp_path: Path) -> None:
     result = runner.invoke(app, ["rollout", "--env", "Nope-v0", "--expert", "--out", str(tmp_path / "x.jsonl")],
                            terminal_width=200)
     assert result.exit_code == 2 and "unknown environment 'Nope-v0'" in result.output
+
+
+def test_rollout_passes_env_arguments(tmp_path: Path) -> None:
+    out = tmp_path / "e.jsonl"
+    result = runner.invoke(app, ["rollout", "--env", "Arithmetic-v0", "--expert", "-n", "2", "--env-arg", "difficulty=3",
+                                 "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert all(len(t.turns) == 4 for t in read_trajectories(out))  # 3 calculator calls, then the answer
+    bad = runner.invoke(app, ["rollout", "--env", "Arithmetic-v0", "--expert", "--env-arg", "difficultyy=3",
+                              "--out", str(out)], terminal_width=200)
+    assert bad.exit_code == 2 and "difficultyy" in bad.output
