@@ -219,6 +219,11 @@ def grpo_advantages(
 # full-vocabulary divergences (in-process teacher)
 
 
+def _full_log_softmaxes(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(log p_S, log p_T) over the full vocabulary; the teacher never receives gradient."""
+    return _log_softmax(student_logits, temperature), _log_softmax(teacher_logits.detach(), temperature)
+
+
 def forward_kl_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -230,8 +235,7 @@ def forward_kl_loss(
 
     Logits [B, T, V], already aligned so position t predicts token t. Both are divided by temperature.
     """
-    logp_s = _log_softmax(student_logits, temperature)
-    logp_t = _log_softmax(teacher_logits.detach(), temperature)
+    logp_s, logp_t = _full_log_softmaxes(student_logits, teacher_logits, temperature)
     return _divergence_output(_kl(logp_t, logp_s), mask, weights)
 
 
@@ -243,8 +247,7 @@ def reverse_kl_full_loss(
     temperature: float = 1.0,
 ) -> LossOutput:
     """Full-vocabulary reverse KL(p_S || p_T) = sum_v p_S (log p_S - log p_T) per position (mode seeking)."""
-    logp_s = _log_softmax(student_logits, temperature)
-    logp_t = _log_softmax(teacher_logits.detach(), temperature)
+    logp_s, logp_t = _full_log_softmaxes(student_logits, teacher_logits, temperature)
     return _divergence_output(_kl(logp_s, logp_t), mask, weights)
 
 
@@ -263,8 +266,7 @@ def generalized_jsd_loss(
     both endpoints are special-cased because the mixture formula itself goes to 0 there. For
     0 < beta < 1 the value is at most the binary entropy of beta (<= log 2).
     """
-    logp_s = _log_softmax(student_logits, temperature)
-    logp_t = _log_softmax(teacher_logits.detach(), temperature)
+    logp_s, logp_t = _full_log_softmaxes(student_logits, teacher_logits, temperature)
     return _divergence_output(_generalized_jsd(logp_s, logp_t, beta), mask, weights)
 
 

@@ -280,7 +280,8 @@ class Trainer:
         off_policy_sft = not on_policy and (self.cfg.train.off_policy_source == "expert"
                                             or (not self._has_full_teacher() and not lc.top_k))
         if off_policy_sft:  # expert data, or teacher samples without teacher distributions: plain SFT
-            return LossOutput(cross_entropy(batch), {"nll": float(cross_entropy(batch))})
+            nll = cross_entropy(batch)
+            return LossOutput(nll, {"nll": nll.item()})
         if lc.kind == "reverse_kl" and on_policy:
             adv = advantages.to(batch.mask.device) if advantages is not None else None
             return reverse_kl_pg_loss(batch.logprobs, batch.sampling_logprobs, batch.teacher_logprobs, batch.mask,
