@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,7 @@ class Trainer:
         cfg, t_start = self.cfg, time.perf_counter()
         last = min(cfg.train.steps, until_step or cfg.train.steps)
         if self.start_step == 0:
+            self._clear_previous_run()
             before = self.evaluator.evaluate(self.student, "student")
             self.summary["student_before"] = before["success_rate"]
             self.metrics.write({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
@@ -147,6 +149,17 @@ class Trainer:
         self.summary["wall_s"] = self.summary.get("wall_s", 0.0) + time.perf_counter() - t_start
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=1))
         return self.summary
+
+    def _clear_previous_run(self) -> None:
+        """A new run (not --resume) in a used run dir replaces the earlier run's outputs instead of mixing
+        into them; an SFT teacher built there is kept (it is reused when its settings match)."""
+        stale = [self.run_dir / n for n in ("metrics.jsonl", "trajectories.jsonl", "eval_trajectories.jsonl",
+                                           "summary.json") if (self.run_dir / n).exists()]
+        if stale or (self.run_dir / "checkpoints").exists():
+            self.console.print(f"[yellow]{self.run_dir} holds an earlier run: starting over (use --resume to continue it)")
+        for path in stale:
+            path.unlink()
+        shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
 
     def _check_teacher_strength(self, student_success: float) -> None:
         strength = self.cfg.teacher_strength

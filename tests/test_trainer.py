@@ -179,3 +179,11 @@ def test_loss_time_truncation_masks_turns_after_first_error(tmp_path: Path, tiny
     Trainer(cfg).train()
     row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert "div/d_turn_0" in row and "div/mean_weight" in row
+
+
+def test_a_new_run_in_a_used_dir_starts_over(tmp_path: Path, tiny_model_dir: Path) -> None:
+    Trainer(tiny_cfg(tmp_path, tiny_model_dir, **{"train.steps": 1})).train()
+    Trainer(tiny_cfg(tmp_path, tiny_model_dir, **{"train.steps": 1})).train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1]
+    assert len((tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()) == 2
