@@ -337,4 +337,4 @@ class Trainer:
         batch = assistant_batch(self.student, [TrainingView.from_trajectory(t) for t in teacher_trajs], self.pad_id)
         loss = cross_entropy(batch)
         (loss * weight).backward()
-        return float(loss)
+        return loss.item()
