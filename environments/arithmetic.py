@@ -163,14 +163,19 @@ def t_share(d: Draw, s: Steps) -> str:
             f"shops. How many {item} does each shop get?")
 
 
-def t_total(d: Draw, s: Steps) -> str:
+def _two_item_purchase(d: Draw, s: Steps) -> tuple[str, str, int]:
+    """Two items bought in bulk: (buyer, the purchase sentence without its end, total cost step)."""
     name, (item1, item2) = d.pick(NAMES), d.two(ITEMS)
     a, p, b, q = d.int(12, 48), d.int(13, 99), d.int(3, 29), d.int(105, 499)
     c1 = s.op(f"cost of the {item1}", a, "*", p)
     c2 = s.op(f"cost of the {item2}", b, "*", q)
-    s.op("total cost", c1, "+", c2)
-    return (f"{name} buys {a} {item1} at ${p} each and {b} {item2} at ${q} each. "
-            f"How many dollars does {name} spend in total?")
+    total = s.op("total cost", c1, "+", c2)
+    return name, f"{name} buys {a} {item1} at ${p} each and {b} {item2} at ${q} each", total
+
+
+def t_total(d: Draw, s: Steps) -> str:
+    name, bought, _ = _two_item_purchase(d, s)
+    return f"{bought}. How many dollars does {name} spend in total?"
 
 
 def t_trip(d: Draw, s: Steps) -> str:
@@ -193,15 +198,10 @@ def t_bakery(d: Draw, s: Steps) -> str:
 
 
 def t_change_two(d: Draw, s: Steps) -> str:
-    name, (item1, item2) = d.pick(NAMES), d.two(ITEMS)
-    a, p, b, q = d.int(12, 48), d.int(13, 99), d.int(3, 29), d.int(105, 499)
-    c1 = s.op(f"cost of the {item1}", a, "*", p)
-    c2 = s.op(f"cost of the {item2}", b, "*", q)
-    total = s.op("total cost", c1, "+", c2)
+    name, bought, total = _two_item_purchase(d, s)
     pay = (total // 1000 + d.int(1, 3)) * 1000
     s.op("change", pay, "-", total)
-    return (f"{name} buys {a} {item1} at ${p} each and {b} {item2} at ${q} each, and pays with ${pay}. "
-            f"How many dollars of change does {name} get?")
+    return f"{bought}, and pays with ${pay}. How many dollars of change does {name} get?"
 
 
 def t_stores(d: Draw, s: Steps) -> str:

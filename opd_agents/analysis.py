@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from opd_agents.divergence import turn_divergence
 from opd_agents.store import ReadIssue, iter_trajectories
 from opd_agents.types import Trajectory, Turn
 
@@ -30,16 +31,6 @@ def log_ratios(turn: Turn) -> list[float] | None:
     if turn.teacher_logprobs is None or len(turn.teacher_logprobs) != len(turn.sampling_logprobs):
         return None
     return [t - s for t, s in zip(turn.teacher_logprobs, turn.sampling_logprobs, strict=True)]
-
-
-def turn_divergence(turn: Turn) -> float | None:
-    """d_k: the stored value, else mean |log pi_S - log pi_T| from the stored logprobs (None if unscored)."""
-    if turn.divergence is not None:
-        return turn.divergence
-    ratios = log_ratios(turn)
-    if not ratios:
-        return None
-    return sum(abs(r) for r in ratios) / len(ratios)
 
 
 def max_divergence(traj: Trajectory) -> float | None:

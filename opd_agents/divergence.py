@@ -31,7 +31,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd_agents.types import ErrorType, StopReason, Trajectory, Turn
@@ -72,7 +71,7 @@ def _diffs(turn: Turn) -> list[float] | None:
     return [s - t for s, t in zip(turn.sampling_logprobs, turn.teacher_logprobs, strict=True)]
 
 
-def _divergence(turn: Turn) -> float | None:
+def turn_divergence(turn: Turn) -> float | None:
     """d_k: the stored value, else computed from the logprobs (None if unscored or empty)."""
     if turn.divergence is not None:
         return turn.divergence
@@ -138,8 +137,8 @@ def _cascades(traj: Trajectory) -> bool | None:
     first = traj.first_error_turn
     if first is None:
         return None
-    at_error = next((_divergence(t) for t in traj.turns if t.index == first), None)
-    after = _mean([d for t in traj.turns if t.index > first and (d := _divergence(t)) is not None])
+    at_error = next((turn_divergence(t) for t in traj.turns if t.index == first), None)
+    after = _mean([d for t in traj.turns if t.index > first and (d := turn_divergence(t)) is not None])
     if at_error is None or after is None:
         return None
     return after > at_error
@@ -167,7 +166,7 @@ def step_divergence_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
     for traj in trajs:
         first = traj.first_error_turn
         for turn in traj.turns:
-            d = _divergence(turn)
+            d = turn_divergence(turn)
             if d is None:
                 continue
             by_turn.setdefault(turn.index, []).append(d)
@@ -203,7 +202,7 @@ def divergence_table(trajs: Iterable[Trajectory], max_turns: int = 8) -> dict[st
     for traj in trajs:
         group = "with_error" if traj.first_error_turn is not None else "no_error"
         for turn in traj.turns:
-            d = _divergence(turn)
+            d = turn_divergence(turn)
             if d is not None and 0 <= turn.index < max_turns:
                 sums[group][turn.index] += d
                 counts[group][turn.index] += 1
@@ -226,7 +225,7 @@ def loss_time_weights(traj: Trajectory, cfg: DivergencePolicyConfig) -> list[flo
     if cfg.loss_truncation == "first_error":
         return _keep_through(turns, next((i for i, t in enumerate(turns) if t.tool_error_types), None))
     if cfg.loss_truncation == "threshold":
-        over = (i for i, t in enumerate(turns) if (d := _divergence(t)) is not None and d > cfg.tau)
+        over = (i for i, t in enumerate(turns) if (d := turn_divergence(t)) is not None and d > cfg.tau)
         return _keep_through(turns, next(over, None))
     return [1.0] * len(turns)
 
@@ -252,7 +251,7 @@ def apply_policies(traj: Trajectory, cfg: DivergencePolicyConfig) -> None:
     keep = loss_time_weights(traj, cfg)
     sod = [1.0] * len(traj.turns)
     if cfg.sod:
-        sod = sod_weights([_divergence(t) for t in traj.turns], cfg.sod_eps, cfg.sod_delta)
+        sod = sod_weights([turn_divergence(t) for t in traj.turns], cfg.sod_eps, cfg.sod_delta)
         if cfg.sod_renormalize:
             tokens = [len(t.token_ids) * k for t, k in zip(traj.turns, keep, strict=True)]
             weighted = sum(w * n for w, n in zip(sod, tokens, strict=True))
@@ -281,7 +280,7 @@ def rollout_stop_reason(traj: Trajectory, cfg: DivergencePolicyConfig) -> StopRe
                 return StopReason.parse_error
             return StopReason.divergence
     if mode in ("threshold", "both") and traj.turns:
-        d = _divergence(traj.turns[-1])
+        d = turn_divergence(traj.turns[-1])
         if d is not None and d > cfg.tau:
             return StopReason.divergence
     return None
@@ -325,6 +324,8 @@ class RockTokenTracker:
         flat = [x for losses in self._pending.values() for x in losses]
         if not flat:
             return
+        import torch  # only the rock-token tracker needs it; keeps this module light for analysis
+
         threshold = float(torch.quantile(torch.tensor(flat, dtype=torch.float64), self.quantile))
         for key, losses in self._pending.items():
             old = self._streak.get(key, [0] * len(losses))

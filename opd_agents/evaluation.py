@@ -109,14 +109,13 @@ class Evaluator:
 
     @torch.no_grad()
     def _reachability(self, trajs: Sequence[Trajectory], student: PreTrainedModel) -> list[float]:
-        out = []
-        pad = self.renderer.im_end_id
-        for t in trajs:
-            if not t.num_assistant_tokens:
-                out.append(0.0)
-                continue
-            b = assistant_batch(student, [TrainingView.from_trajectory(t)], pad)
-            top = b.logits.topk(REACHABLE_TOP_K, dim=-1).indices
-            hit = (top == b.targets.unsqueeze(-1)).any(-1).float()
-            out.append(float((hit * b.mask).sum() / b.mask.sum()))
-        return out
+        scored = [t for t in trajs if t.num_assistant_tokens]
+        by_id: dict[str, float] = {}
+        size = self.cfg.train.micro_batch_size  # batched like training: bounded [B, N, V] logits
+        for start in range(0, len(scored), size):
+            chunk = scored[start : start + size]
+            b = assistant_batch(student, [TrainingView.from_trajectory(t) for t in chunk], self.renderer.im_end_id)
+            hit = (b.logits.topk(REACHABLE_TOP_K, dim=-1).indices == b.targets.unsqueeze(-1)).any(-1).float()
+            share = ((hit * b.mask).sum(1) / b.mask.sum(1).clamp(min=1)).tolist()
+            by_id.update({t.id: r for t, r in zip(chunk, share, strict=True)})
+        return [by_id.get(t.id, 0.0) for t in trajs]

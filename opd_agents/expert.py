@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from opd_agents.env import ToolEnv
 from opd_agents.renderer import ChatMLRenderer
+from opd_agents.rollout import open_trajectory, record_step
 from opd_agents.types import Message, Trajectory, Turn
 
 
@@ -18,24 +19,17 @@ def play_expert(env_factory: Callable[[], ToolEnv], seeds: Sequence[int], env_id
     out = []
     for seed in seeds:
         env = env_factory()
-        obs, info = env.reset(seed=seed)
-        messages = [Message.model_validate(m) for m in obs]
-        traj = Trajectory(env_id=env_id, task_id=info["task_id"], seed=seed, split=info["split"],
-                          model_id="scripted-expert", tool_schemas=env.tool_schemas, messages=messages)
-        if renderer is not None:
-            traj.prompt_ids = renderer.prompt_ids(messages, env.tool_schemas)
+        traj = open_trajectory(env, seed, env_id, "scripted-expert", renderer)
         assert env.task is not None
         while True:
             text = env.expert_action(env.task, list(env.history))
             obs, reward, terminated, truncated, info = env.step(text)
             ids = renderer.encode_assistant(text) if renderer else []
             turn = Turn(index=len(traj.turns), token_ids=ids, sampling_logprobs=[0.0] * len(ids), text=text,
-                        finish="stop", tool_calls=info.get("tool_calls", []),
-                        tool_results=info.get("tool_results", []))
+                        finish="stop")
             traj.turns.append(turn)
-            traj.reward += float(reward)
+            record_step(traj, turn, reward, info)
             if terminated or truncated:
-                traj.success = bool(info.get("success", False))
                 traj.stop_reason, traj.terminated, traj.truncated = info["stop_reason"], terminated, truncated
                 break
             if renderer is not None:

@@ -38,7 +38,6 @@ class _Episode:
     prompt: list[int] = field(default_factory=list)  # what the sampler is fed first
     generated: int = 0
     done: bool = False
-    env_info: dict[str, Any] = field(default_factory=dict)
 
 
 def _token_budget(ep: _Episode, sampling: SamplingParams) -> tuple[int, StopReason]:
@@ -50,6 +49,26 @@ def _token_budget(ep: _Episode, sampling: SamplingParams) -> tuple[int, StopReas
         (lim.max_context_tokens - ep.length, StopReason.context_overflow),
     ]
     return min(options, key=lambda o: o[0])
+
+
+def open_trajectory(env: ToolEnv, seed: int, env_id: str, model_id: str,
+                    renderer: ChatMLRenderer | None = None, **fields: Any) -> Trajectory:
+    """Reset ``env`` on ``seed`` and start its trajectory record (prompt ids when a renderer is given)."""
+    obs, info = env.reset(seed=seed)
+    messages = [Message.model_validate(m) for m in obs]
+    prompt_ids = renderer.prompt_ids(messages, env.tool_schemas) if renderer is not None else []
+    return Trajectory(env_id=env_id, task_id=info["task_id"], seed=seed, split=info["split"], model_id=model_id,
+                      tool_schemas=env.tool_schemas, messages=messages, prompt_ids=prompt_ids, **fields)
+
+
+def record_step(traj: Trajectory, turn: Turn, reward: float, info: dict[str, Any]) -> None:
+    """Store what ``env.step`` returned for ``turn``: its tool calls/results, the reward and its parts."""
+    turn.tool_calls, turn.tool_results = info.get("tool_calls", []), info.get("tool_results", [])
+    traj.reward += float(reward)
+    for k, v in info.get("reward_parts", {}).items():
+        traj.reward_parts[k] = traj.reward_parts.get(k, 0.0) + float(v)
+    if info.get("stop_reason") is not None:
+        traj.success = bool(info.get("success", False))
 
 
 class Rollout:
@@ -109,14 +128,8 @@ class Rollout:
     # ---- one batch of episodes --------------------------------------------------------------------
     def _start(self, seed: int) -> _Episode:
         env = self.env_factory()
-        obs, info = env.reset(seed=seed)
-        messages = [Message.model_validate(m) for m in obs]
-        prompt_ids = self.renderer.prompt_ids(messages, env.tool_schemas)
-        traj = Trajectory(
-            env_id=self.env_id, task_id=info["task_id"], seed=seed, split=info["split"], model_id=self.model_id,
-            sampling=self.sampling, tool_schemas=env.tool_schemas, messages=messages, prompt_ids=prompt_ids,
-        )
-        ep = _Episode(env=env, traj=traj, length=len(prompt_ids), prompt=prompt_ids)
+        traj = open_trajectory(env, seed, self.env_id, self.model_id, self.renderer, sampling=self.sampling)
+        ep = _Episode(env=env, traj=traj, length=len(traj.prompt_ids), prompt=traj.prompt_ids)
         if self.sampling_prompt is not None:
             ep.prompt = self.sampling_prompt(traj)
             ep.length = len(ep.prompt)
@@ -174,12 +187,8 @@ class Rollout:
             self._end(ep, budget_reason, truncated=True)
             return []
         obs, reward, terminated, truncated, info = ep.env.step(text)
-        turn.tool_calls, turn.tool_results = info.get("tool_calls", []), info.get("tool_results", [])
-        traj.reward += float(reward)
-        for k, v in info.get("reward_parts", {}).items():
-            traj.reward_parts[k] = traj.reward_parts.get(k, 0.0) + float(v)
+        record_step(traj, turn, reward, info)
         if terminated or truncated:
-            traj.success = bool(info.get("success", False))
             self._end(ep, info["stop_reason"], truncated=truncated, terminated=terminated)
             return []
         obs_ids = self.renderer.observation_ids([Message.model_validate(m) for m in obs],

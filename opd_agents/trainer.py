@@ -37,6 +37,7 @@ from opd_agents.rollout import Rollout
 from opd_agents.sampler import HFSampler
 from opd_agents.components import build_teacher, load_student, load_weights, pick_device, privileged_reference
 from opd_agents.store import TrajectoryWriter
+from opd_agents.teacher import TeacherScores, apply_scores
 from opd_agents.teacher.online import OnlineTeacher
 from opd_agents.training_view import TrainingView
 from opd_agents.types import SamplingParams, Trajectory
@@ -199,7 +200,6 @@ class Trainer:
         online_tokens = online.tokens_processed - online_before if online else 0
         scored_online = online is not None and cfg.loss.top_k == 0 and all(
             turn.teacher_logprobs is not None for t in trajs for turn in t.turns)
-        teacher_tokens = 0
         if self._uses_full_teacher_logits(on_policy):
             # One teacher pass gives both the full distributions for the loss and the sampled-token
             # logprobs for telemetry and the divergence policies.
@@ -264,16 +264,18 @@ class Trainer:
     def _full_teacher_pass(self, trajs: list[Trajectory]) -> int:
         """Teacher logits at every student token (kept for the loss); fills turn.teacher_logprobs."""
         rows = self.teacher.logits_for(trajs)  # type: ignore[attr-defined]
+        processed = 0
         for traj, row in zip(trajs, rows, strict=True):
             self._teacher_rows[traj.id] = row
-            targets = torch.tensor([x for turn in traj.turns for x in turn.token_ids], dtype=torch.long)
-            lps = torch.log_softmax(row, dim=-1).gather(1, targets[:, None].to(row.device)).squeeze(1).tolist()
-            start = 0
-            for turn in traj.turns:
-                turn.teacher_logprobs = lps[start : start + len(turn.token_ids)]
-                turn.teacher_id = self.teacher.teacher_id
-                start += len(turn.token_ids)
-        return sum(len(self.teacher.view.build(t).input_ids) for t in trajs if t.turns)
+            if not traj.turns:
+                continue
+            seq = self.teacher.view.build(traj)
+            target = torch.tensor(seq.target_ids, dtype=torch.long, device=row.device)
+            lps = torch.log_softmax(row, dim=-1).gather(1, target[:, None]).squeeze(1).tolist()
+            apply_scores(traj, TeacherScores(logprobs=seq.split(lps), tokens_processed=len(seq.input_ids)),
+                         self.teacher.teacher_id)
+            processed += len(seq.input_ids)
+        return processed
 
     def _needs_scores(self, on_policy: bool) -> bool:
         """Sampled-token teacher logprobs: the PG loss and telemetry; top-k losses need the top-k lists."""
