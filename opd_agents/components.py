@@ -78,7 +78,7 @@ def build_teacher(cfg: RunConfig, env_factory: Callable[[], ToolEnv], student_to
         sft = cfg.teacher.sft_from_expert
         path = build_sft_teacher(cfg.teacher.model, env_factory, cfg.env.id, renderer.parser,
                                  Path(cfg.run_dir) / "sft_teacher", sft.episodes, sft.steps, sft.batch_size,
-                                 sft.lr, cfg.seed, log=console.print)
+                                 sft.lr, cfg.seed, log=console.print, env_kwargs=cfg.env.kwargs)
         tcfg = tcfg.model_copy(update={"model": str(path)})
     if tcfg.backend == "hf" and tcfg.device == "cpu" and device.type != "cpu":
         tcfg = tcfg.model_copy(update={"device": str(device)})

@@ -76,6 +76,7 @@ class EvalConfig(_Strict):
     every: int = Field(10, gt=0)
     episodes: int = Field(32, gt=0)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy-like (sampled at a tiny temperature)")
+    before: bool = Field(True, description="evaluate the student at step 0 (the teacher-strength check does anyway)")
 
 
 class TeacherStrengthConfig(_Strict):

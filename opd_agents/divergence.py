@@ -18,7 +18,7 @@ Policies (``DivergencePolicyConfig``; every option at its default is plain OPD, 
   turns get 1. Optionally renormalised so the kept turns' token-weighted sum stays the token count.
   ``turn.weight`` = loss-time weight x SOD weight (they compose by multiplication).
 - rollout-time truncation: see ``rollout_stop_reason``.
-- rock tokens: see ``RockTokenTracker``.
+- rock tokens: see ``opd_agents.rock_tokens``.
 
 Policies read ``turn.divergence`` when set, else compute d_k from the turn's logprobs, so they work
 whether or not ``annotate_turns`` ran first.
@@ -50,7 +50,8 @@ class DivergencePolicyConfig(BaseModel):
     sod_eps: float = Field(1e-6, gt=0.0)
     sod_delta: float = Field(0.2, ge=0.0, description="SOD weights are capped at 1 + delta")
     sod_renormalize: bool = Field(False, description="rescale SOD weights so sum_k w_k n_k = sum_k n_k")
-    rock_tokens: RockMode = "off"
+    rock_tokens: RockMode = Field("off", description="track: rock/* metrics on a fixed probe; mask/downweight "
+                                                       "also scale rock token ids in the loss (opd_agents.rock_tokens)")
     rock_quantile: float = Field(0.9, gt=0.0, lt=1.0, description="a token is 'high' above this loss quantile")
     rock_min_steps: int = Field(3, ge=1, description="consecutive high steps that make a rock token")
     rock_weight: float = Field(0.1, ge=0.0, le=1.0, description="multiplier of rock tokens in 'downweight'")
@@ -284,79 +285,3 @@ def rollout_stop_reason(traj: Trajectory, cfg: DivergencePolicyConfig) -> StopRe
         if d is not None and d > cfg.tau:
             return StopReason.divergence
     return None
-
-
-# ---- rock tokens -----------------------------------------------------------------------------------
-class RockTokenTracker:
-    """Tokens whose per-token OPD loss stays in the top loss quantile across training steps.
-
-    Token identity only means something on fixed text, so the tracker runs on a FIXED probe set (e.g.
-    stored trajectories re-scored at each checkpoint): ``key`` names one probe trajectory and position i
-    is its i-th assistant token. Each step, ``update(key, losses)`` once per probe, then ``end_step()``:
-    the step's threshold is the ``quantile`` of all losses updated in that step (torch.quantile, linear
-    interpolation); a token is *high* when its loss is strictly above it (so a flat loss has no high
-    tokens). A rock token has been high for at least ``min_steps`` consecutive committed steps.
-    """
-
-    def __init__(self, quantile: float = 0.9, min_steps: int = 3) -> None:
-        if not 0.0 < quantile < 1.0 or min_steps < 1:
-            raise ValueError(f"need 0 < quantile < 1 and min_steps >= 1, got {quantile}, {min_steps}")
-        self.quantile = quantile
-        self.min_steps = min_steps
-        self._pending: dict[str, list[float]] = {}
-        self._streak: dict[str, list[int]] = {}  # consecutive high steps per token
-        self._last: dict[str, list[float]] = {}  # losses of the last committed step
-
-    @classmethod
-    def from_config(cls, cfg: DivergencePolicyConfig) -> RockTokenTracker:
-        return cls(cfg.rock_quantile, cfg.rock_min_steps)
-
-    def update(self, key: str, per_token_losses: Sequence[float]) -> None:
-        """Record one probe trajectory's per-token losses for the current step."""
-        known = self._streak.get(key)
-        if known is not None and len(known) != len(per_token_losses):
-            raise ValueError(f"probe {key!r}: {len(per_token_losses)} losses, tracked {len(known)} tokens "
-                             f"(the probe set must be fixed)")
-        self._pending[key] = [float(x) for x in per_token_losses]
-
-    def end_step(self) -> None:
-        """Commit this step's updates: compute the threshold and advance every token's streak."""
-        flat = [x for losses in self._pending.values() for x in losses]
-        if not flat:
-            return
-        import torch  # only the rock-token tracker needs it; keeps this module light for analysis
-
-        threshold = float(torch.quantile(torch.tensor(flat, dtype=torch.float64), self.quantile))
-        for key, losses in self._pending.items():
-            old = self._streak.get(key, [0] * len(losses))
-            self._streak[key] = [s + 1 if x > threshold else 0 for s, x in zip(old, losses, strict=True)]
-            self._last[key] = losses
-        self._pending = {}
-
-    def rock_mask(self, key: str) -> list[bool]:
-        """Per token of probe ``key``: is it a rock token? KeyError if the probe was never committed."""
-        return [s >= self.min_steps for s in self._streak[key]]
-
-    def share(self) -> float:
-        """Fraction of tracked tokens that are rock tokens (0.0 when nothing is tracked)."""
-        masks = [m for key in self._streak for m in self.rock_mask(key)]
-        return sum(masks) / len(masks) if masks else 0.0
-
-    def loss_share(self) -> float:
-        """Share of the last committed step's total loss carried by rock tokens (their gradient share)."""
-        total = rock = 0.0
-        for key, losses in self._last.items():
-            total += sum(losses)
-            rock += sum(x for x, m in zip(losses, self.rock_mask(key), strict=True) if m)
-        return rock / total if total > 0 else 0.0
-
-    def weights_for(self, key: str, n: int, mode: RockMode, rock_weight: float = 0.1) -> list[float]:
-        """Per-token loss multipliers for probe ``key`` (n tokens): rock tokens get 0 ("mask") or
-        ``rock_weight`` ("downweight"); "track"/"off" and untracked keys give all 1.0."""
-        if mode not in ("mask", "downweight") or key not in self._streak:
-            return [1.0] * n
-        mask = self.rock_mask(key)
-        if len(mask) != n:
-            raise ValueError(f"probe {key!r}: asked for {n} weights, tracked {len(mask)} tokens")
-        low = 0.0 if mode == "mask" else rock_weight
-        return [low if m else 1.0 for m in mask]

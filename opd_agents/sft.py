@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -49,13 +50,14 @@ def sft_train(model: PreTrainedModel, trajs: Sequence[Trajectory], pad_token_id:
 
 def build_sft_teacher(base_model: str, env_factory: Callable[[], ToolEnv], env_id: str, parser: ToolCallParser,
                       out_dir: Path, episodes: int, steps: int, batch_size: int, lr: float, seed: int,
-                      log: Callable[[str], None] | None = None) -> Path:
+                      log: Callable[[str], None] | None = None, env_kwargs: dict[str, Any] | None = None) -> Path:
     """Fine-tune ``base_model`` on scripted-expert trajectories of the env's *training* seeds and save it.
 
-    Reused when ``out_dir`` already holds a finished teacher built with the same settings.
+    Reused when ``out_dir`` already holds a finished teacher built with the same settings (``env_kwargs``,
+    e.g. the difficulty, are part of them: a teacher built for another task variant is rebuilt).
     """
-    settings = {"base_model": base_model, "env_id": env_id, "episodes": episodes, "steps": steps,
-                "batch_size": batch_size, "lr": lr, "seed": seed}
+    settings = {"base_model": base_model, "env_id": env_id, "env_kwargs": env_kwargs or {}, "episodes": episodes,
+                "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
     marker = out_dir / "opd_sft_teacher.json"
     if marker.is_file() and json.loads(marker.read_text()).get("settings") == settings:
         return out_dir

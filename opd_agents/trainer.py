@@ -33,6 +33,7 @@ from opd_agents.models import load_model
 from opd_agents.policy import AssistantBatch, assistant_batch, cross_entropy, pad_rows
 from opd_agents.registry import make_env
 from opd_agents.renderer import ChatMLRenderer
+from opd_agents.rock_tokens import RockTokenMonitor
 from opd_agents.rollout import Rollout
 from opd_agents.sampler import HFSampler
 from opd_agents.components import build_teacher, load_student, load_weights, pick_device, privileged_reference
@@ -79,6 +80,8 @@ class Trainer:
         self.teacher = build_teacher(cfg, self.env_factory, self.tokenizer, self.renderer, self.privileged,
                                      self.device, self.console)
         self._setup_rollout_truncation()
+        self.rock = (RockTokenMonitor(cfg.divergence, self.pad_id, cfg.train.micro_batch_size)
+                     if cfg.divergence.rock_tokens != "off" else None)
         self.evaluator = Evaluator(cfg, self.env_factory, self.renderer, self.privileged)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
@@ -113,6 +116,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.summary = state.get("summary", {})
+        if self.rock is not None and "rock" in state:
+            self.rock.load_state_dict(state["rock"])
         self.start_step = int(state["step"])
         self.console.print(f"resumed from {ckpt} (next step {self.start_step + 1})")
         return True
@@ -124,10 +129,11 @@ class Trainer:
         last = min(cfg.train.steps, until_step or cfg.train.steps)
         if self.start_step == 0:
             self._clear_previous_run()
-            before = self.evaluator.evaluate(self.student, "student")
-            self.summary["student_before"] = before["success_rate"]
-            self.metrics.write({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
-            self._check_teacher_strength(before["success_rate"])
+            if cfg.eval.before or cfg.teacher_strength.episodes:
+                before = self.evaluator.evaluate(self.student, "student")
+                self.summary["student_before"] = before["success_rate"]
+                self.metrics.write({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+                self._check_teacher_strength(before["success_rate"])
         writer = TrajectoryWriter(self.run_dir / "trajectories.jsonl")
         with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[live]}"), console=self.console) as bar:
@@ -140,8 +146,9 @@ class Trainer:
                     self.summary["student_after"] = ev["success_rate"]
                 self.metrics.write(row)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                    extra = {"summary": self.summary, **({"rock": self.rock.state_dict()} if self.rock else {})}
                     save_checkpoint(self.run_dir / "checkpoints", step, self.student, self.optimizer,
-                                    self.scheduler, {"summary": self.summary}, tokenizer=self.tokenizer)
+                                    self.scheduler, extra, tokenizer=self.tokenizer)
                 live = f"loss {row['loss']:.3f} train-success {row['rollout/success_rate']:.2f}"
                 if "eval/success_rate" in row:
                     live += f" heldout {row['eval/success_rate']:.2f}"
@@ -210,9 +217,13 @@ class Trainer:
             scores = self.teacher.score_and_apply(trajs, top_k=cfg.loss.top_k) if needs_scores else []
             teacher_tokens = sum(s.tokens_processed for s in scores)
         topk = {t.id: s for t, s in zip(trajs, scores, strict=False)} if cfg.loss.top_k else {}
+        t_div = time.perf_counter()
         for t, s in zip(trajs, scores or [None] * len(trajs), strict=True):
             annotate_turns(t, s.topk_logprobs if s is not None else None)
             apply_policies(t, cfg.divergence)
+        div_metrics = step_divergence_metrics(trajs)
+        t_telemetry = time.perf_counter()
+        rock_metrics = self.rock.observe(self.student, trajs) if self.rock else {}
         t_teacher = time.perf_counter()
         aux = self.evaluator.best_teacher_trajectories(step_seeds(cfg.seed, step, tc.tasks_per_step),
                                                         self.teacher, self.student) \
@@ -248,10 +259,11 @@ class Trainer:
             "step": step, "on_policy": on_policy, "loss": total_loss, "aux_loss": aux_loss,
             "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
             **{f"loss/{k}": v for k, v in agg.items()}, **{f"rollout/{k}": v for k, v in roll.items()},
-            **step_divergence_metrics(trajs),
+            **div_metrics, **rock_metrics,
             "teacher_tokens": teacher_tokens, "teacher_tokens_rollout": online_tokens,
             "trajectory_tokens": sum(t.num_tokens for t in trajs), "student_tokens": n_tokens,
-            "time/rollout_s": t_roll - t0, "time/teacher_s": t_teacher - t_roll,
+            "time/rollout_s": t_roll - t0, "time/teacher_s": t_div - t_roll, "time/telemetry_s": t_telemetry - t_div,
+            "time/rock_s": t_teacher - t_telemetry,
             "time/step_s": time.perf_counter() - t0,
         }
 
@@ -291,6 +303,8 @@ class Trainer:
                     topk: dict[str, Any]) -> LossOutput:
         lc = self.cfg.loss
         batch = assistant_batch(self.student, [TrainingView.from_trajectory(t) for t in micro], self.pad_id)
+        if self.rock is not None:
+            batch.weights = batch.weights * self.rock.token_weights(batch.targets)
         batch.mask = batch.mask * (batch.weights > 0)  # turns a truncation policy dropped carry no loss
         off_policy_sft = not on_policy and (self.cfg.train.off_policy_source == "expert"
                                             or (not self._has_full_teacher() and not lc.top_k))

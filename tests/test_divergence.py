@@ -10,7 +10,6 @@ from pydantic import ValidationError
 
 from opd_agents.divergence import (
     DivergencePolicyConfig,
-    RockTokenTracker,
     annotate_turns,
     apply_policies,
     divergence_table,
@@ -238,47 +237,3 @@ def test_rollout_stops_when_divergence_exceeds_tau() -> None:
     both[1].divergence = 0.5
     assert first_stop(both, cfg) == (2, StopReason.parse_error)
     assert first_stop([make_turn(0, [-1.0], None)], cfg) is None  # unscored turn never stops
-
-
-# ---- rock tokens -----------------------------------------------------------------------------------
-def step(tracker: RockTokenTracker, a: list[float], b: list[float]) -> None:
-    tracker.update("a", a)
-    tracker.update("b", b)
-    tracker.end_step()
-
-
-def test_rock_token_tracker() -> None:
-    tracker = RockTokenTracker(quantile=0.75, min_steps=2)
-    # 8 tokens per step; 0.75-quantile of [1]*6 + [4, 5] is 1.75 -> high: a0, b2
-    step(tracker, [5, 1, 1, 1], [1, 1, 4, 1])
-    assert tracker.rock_mask("a") == [False] * 4 and tracker.share() == 0.0
-    # quantile of [1]*6 + [3, 4] is 1.5 -> high: a0 (2nd in a row), a3; b2's streak resets
-    step(tracker, [4, 1, 1, 3], [1, 1, 1, 1])
-    assert tracker.rock_mask("a") == [True, False, False, False] and tracker.rock_mask("b") == [False] * 4
-    assert tracker.share() == pytest.approx(1 / 8)
-    assert tracker.loss_share() == pytest.approx(4 / 13)  # a0's loss 4 of the step's total 13
-    step(tracker, [4, 1, 1, 3], [1, 1, 1, 1])
-    assert tracker.rock_mask("a") == [True, False, False, True] and tracker.share() == pytest.approx(2 / 8)
-    assert tracker.weights_for("a", 4, "mask") == [0.0, 1.0, 1.0, 0.0]
-    assert tracker.weights_for("a", 4, "downweight", 0.1) == [0.1, 1.0, 1.0, 0.1]
-    assert tracker.weights_for("a", 4, "track") == [1.0] * 4
-    assert tracker.weights_for("unseen", 3, "mask") == [1.0] * 3
-    # a0 drops out of the top quantile: its streak restarts
-    step(tracker, [1, 1, 1, 3], [1, 1, 1, 2])
-    assert tracker.rock_mask("a") == [False, False, False, True]
-    # a flat loss has no high tokens
-    step(tracker, [1, 1, 1, 1], [1, 1, 1, 1])
-    assert tracker.share() == 0.0
-    with pytest.raises(ValueError, match="fixed"):
-        tracker.update("a", [1.0, 2.0])
-    with pytest.raises(ValueError):
-        tracker.weights_for("a", 3, "mask")
-
-
-def test_rock_tracker_from_config() -> None:
-    tracker = RockTokenTracker.from_config(DivergencePolicyConfig(rock_quantile=0.5, rock_min_steps=1))
-    tracker.update("p", [0.0, 1.0, 2.0, 3.0])
-    tracker.end_step()  # median 1.5 -> tokens 2, 3 high, rock after one step
-    assert tracker.rock_mask("p") == [False, False, True, True] and tracker.share() == 0.5
-    with pytest.raises(ValueError):
-        RockTokenTracker(quantile=1.0)
