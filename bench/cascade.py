@@ -2,6 +2,10 @@
 (the analogue of SOD's Fig. 1a), from any file of teacher-scored trajectories.
 
     .venv/bin/python bench/cascade.py runs/quickstart/trajectories.jsonl --plot docs/img/cascade.png
+    .venv/bin/python bench/cascade.py runs/ablation/plain-s*/trajectories.jsonl     # several runs pooled
+
+Besides d_k by absolute turn index it prints d_k aligned on each trajectory's first failing turn
+(offset 0 = the turn whose tool call failed), which shows directly whether divergence grows after it.
 
 Training runs write scored trajectories (teacher logprobs and d_k on every turn) to RUN_DIR/trajectories.jsonl;
 `opd-agents score` scores any other trajectory file.
@@ -10,23 +14,27 @@ Training runs write scored trajectories (teacher logprobs and d_k on every turn)
 from __future__ import annotations
 
 import argparse
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
-from opd_agents.divergence import divergence_table
+from opd_agents.divergence import divergence_table, turn_divergence
 from opd_agents.store import iter_trajectories
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("trajectories", type=Path)
+    ap.add_argument("trajectories", type=Path, nargs="+")
     ap.add_argument("--max-turns", type=int, default=6)
     ap.add_argument("--plot", type=Path, help="write the figure here (PNG or SVG)")
     args = ap.parse_args()
 
-    trajs = [t for t in iter_trajectories(args.trajectories) if any(x.teacher_logprobs for x in t.turns)]
+    trajs = [t for path in args.trajectories for t in iter_trajectories(path)
+             if any(x.teacher_logprobs for x in t.turns)]
     table = divergence_table(trajs, max_turns=args.max_turns)
     with_err = sum(1 for t in trajs if t.first_error_turn is not None)
-    print(f"{len(trajs)} scored trajectories ({with_err} with a tool error) from {args.trajectories}\n")
+    print(f"{len(trajs)} scored trajectories ({with_err} with a tool error) from "
+          f"{', '.join(map(str, args.trajectories))}\n")
     print(f"{'turn k':>6} | {'d_k with tool error':>20} {'n':>5} | {'d_k without':>12} {'n':>5}")
     for k in range(args.max_turns):
         a, na = table["with_error"][k], table["with_error_n"][k]
@@ -36,6 +44,18 @@ def main() -> None:
         fa = f"{a:.3f}" if a is not None else "-"
         fb = f"{b:.3f}" if b is not None else "-"
         print(f"{k + 1:>6} | {fa:>20} {int(na or 0):>5} | {fb:>12} {int(nb or 0):>5}")
+    by_offset: dict[int, list[float]] = defaultdict(list)
+    for t in trajs:
+        if t.first_error_turn is None:
+            continue
+        for turn in t.turns:
+            d = turn_divergence(turn)
+            if d is not None:
+                by_offset[turn.index - t.first_error_turn].append(d)
+    if by_offset:
+        print(f"\n{'turns after the first failing turn':>34} | {'mean d_k':>8} {'n':>5}")
+        for off in sorted(by_offset):
+            print(f"{off:>34} | {statistics.mean(by_offset[off]):>8.3f} {len(by_offset[off]):>5}")
     if args.plot:
         import matplotlib
 

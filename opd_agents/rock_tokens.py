@@ -104,8 +104,9 @@ class RockTokenMonitor:
         self._rock_ids: torch.Tensor = torch.empty(0, dtype=torch.long)
 
     def observe(self, student: PreTrainedModel, trajs: Sequence[Trajectory]) -> dict[str, float]:
-        """One tracking step: fix the probe on first call (teacher-scored trajectories with assistant
-        tokens), re-read it with the current student, commit, refresh the rock ids; returns metrics."""
+        """One tracking step: the first call with trajectories fixes the probe (its teacher-scored ones with
+        assistant tokens; the trainer passes on-policy batches only), then the current student re-reads the
+        probe, the step is committed and the rock ids refreshed. Returns the ``rock/*`` metrics."""
         if not self.probe:
             self.probe = [TrainingView.from_trajectory(t) for t in trajs
                           if t.num_assistant_tokens and all(turn.teacher_logprobs is not None for turn in t.turns)]
@@ -139,14 +140,18 @@ class RockTokenMonitor:
         self.tracker.load_state_dict(state["tracker"])
         self._rock_ids = torch.tensor(self.rock_token_ids(), dtype=torch.long)
 
+    def probe_tokens(self) -> list[tuple[int, bool]]:
+        """(token id, is a rock token) for every assistant token of the probe."""
+        return [(token_id, is_rock) for key, ids in self._probe_ids.items()
+                for token_id, is_rock in zip(ids, self.tracker.rock_mask(key), strict=True)]
+
     def rock_token_ids(self) -> list[int]:
         """Token ids of which at least half the probe occurrences are rock tokens."""
         seen: dict[int, list[int]] = {}
-        for key, ids in self._probe_ids.items():
-            for token_id, is_rock in zip(ids, self.tracker.rock_mask(key), strict=True):
-                counts = seen.setdefault(token_id, [0, 0])
-                counts[0] += is_rock
-                counts[1] += 1
+        for token_id, is_rock in self.probe_tokens():
+            counts = seen.setdefault(token_id, [0, 0])
+            counts[0] += is_rock
+            counts[1] += 1
         return sorted(i for i, (rock, total) in seen.items() if 2 * rock >= total and rock > 0)
 
     def token_weights(self, targets: torch.Tensor) -> torch.Tensor:

@@ -223,7 +223,7 @@ class Trainer:
             apply_policies(t, cfg.divergence)
         div_metrics = step_divergence_metrics(trajs)
         t_telemetry = time.perf_counter()
-        rock_metrics = self.rock.observe(self.student, trajs) if self.rock else {}
+        rock_metrics = self.rock.observe(self.student, trajs if on_policy else []) if self.rock else {}
         t_teacher = time.perf_counter()
         aux = self.evaluator.best_teacher_trajectories(step_seeds(cfg.seed, step, tc.tasks_per_step),
                                                         self.teacher, self.student) \
