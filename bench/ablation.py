@@ -77,17 +77,36 @@ def run_one(out: Path, variant: str, seed: int, threads: int) -> Path:
     return run_dir
 
 
+def heldout_teacher_nll(run_dir: Path, teacher_dir: Path) -> float:
+    """Mean -log pi_T over the student's tokens in its final held-out episodes: how teacher-like the trained
+    student behaves, a finer signal than success when few episodes succeed (scored once, then cached)."""
+    from opd_agents.export import rescore_file
+    from opd_agents.store import iter_trajectories
+    from opd_agents.teacher import TeacherConfig, make_teacher
+
+    scored = run_dir / "eval_trajectories.scored.jsonl"
+    if not scored.exists():
+        with make_teacher(TeacherConfig(backend="hf", model=str(teacher_dir))) as scorer:
+            rescore_file(run_dir / "eval_trajectories.jsonl", scored, scorer, batch_size=8)
+    nll = [-lp for t in iter_trajectories(scored) for turn in t.turns for lp in turn.teacher_logprobs or []]
+    return statistics.mean(nll)
+
+
 def run_record(run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
+    final_eval = next(r for r in reversed(rows) if "eval/success_rate" in r)
     return {
         "after": summary["student_after"], "wall_s": summary["wall_s"],
+        "eval_tool_error_rate": final_eval["eval/tool_error_rate"], "eval_mean_turns": final_eval["eval/mean_turns"],
+        "train_tool_error_rate": statistics.mean(r["rollout/tool_error_rate"] for r in steps[-3:]),
         "teacher_tokens": sum(r["teacher_tokens"] + r["teacher_tokens_rollout"] for r in steps),
         "trajectory_tokens": sum(r["trajectory_tokens"] for r in steps),
         "step_s": statistics.mean(r["time/step_s"] for r in steps),
         "train_success": statistics.mean(r["rollout/success_rate"] for r in steps[-3:]),
-        "truncated_share": statistics.mean(r.get("div/truncated_share", 0.0) for r in steps),
+        "stop_divergence": statistics.mean(r.get("div/stop_divergence", 0.0) for r in steps),
+        "stop_parse_error": statistics.mean(r.get("div/stop_parse_error", 0.0) for r in steps),
         "mean_weight": statistics.mean(r.get("div/mean_weight", 1.0) for r in steps),
     }
 
@@ -98,19 +117,25 @@ def mean_spread(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f} (min {min(xs):.3f}, max {max(xs):.3f})"
 
 
-def table(records: dict[str, list[dict[str, Any]]], before: float) -> str:
-    lines = [f"start student (held-out success): {before:.3f}", "",
-             "| variant | held-out success after | per seed | teacher tokens / run | train success (last 3 steps) "
-             "| episodes cut at rollout | mean turn weight | step time (s) | wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
+def table(records: dict[str, list[dict[str, Any]]], before: float, before_nll: float) -> str:
+    lines = [f"start student: held-out success {before:.3f}, held-out teacher NLL / token {before_nll:.3f}", "",
+             "| variant | held-out success after | per seed | held-out teacher NLL / token | held-out tool-error rate | held-out turns "
+             "| train success / tool-error rate (last 3 steps) | teacher tokens / run | train episodes stopped: divergence / parse_error "
+             "| mean turn weight | step time (s) | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, recs in records.items():
         if not recs:
             continue
         per_seed = ", ".join(f"{r['after']:.3f}" for r in recs)
         lines.append(
             f"| {variant} | {mean_spread([r['after'] for r in recs])} | {per_seed} "
+            f"| {mean_spread([r['heldout_teacher_nll'] for r in recs])} "
+            f"| {statistics.mean(r['eval_tool_error_rate'] for r in recs):.3f} "
+            f"| {statistics.mean(r['eval_mean_turns'] for r in recs):.2f} "
+            f"| {statistics.mean(r['train_success'] for r in recs):.3f} / "
+            f"{statistics.mean(r['train_tool_error_rate'] for r in recs):.3f} "
             f"| {statistics.mean(r['teacher_tokens'] for r in recs):.0f} "
-            f"| {statistics.mean(r['train_success'] for r in recs):.3f} "
-            f"| {statistics.mean(r['truncated_share'] for r in recs):.3f} "
+            f"| {statistics.mean(r['stop_divergence'] for r in recs):.3f} / "
+            f"{statistics.mean(r['stop_parse_error'] for r in recs):.3f} "
             f"| {statistics.mean(r['mean_weight'] for r in recs):.3f} "
             f"| {statistics.mean(r['step_s'] for r in recs):.1f} | {statistics.mean(r['wall_s'] for r in recs):.0f} |")
     return "\n".join(lines)
@@ -132,9 +157,11 @@ def main() -> None:
         dirs = list(pool.map(lambda cell: run_one(out, cell[0], cell[1], threads), cells))
     records: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
     for (variant, _), run_dir in zip(cells, dirs, strict=True):
-        records[variant].append(run_record(run_dir))
-    (out / "ablation.json").write_text(json.dumps({"before": before, "runs": records}, indent=1))
-    print(table(records, before))
+        records[variant].append(run_record(run_dir) | {"heldout_teacher_nll": heldout_teacher_nll(run_dir, out / "teacher-d2")})
+    before_nll = heldout_teacher_nll(out / "start-eval", out / "teacher-d2")
+    (out / "ablation.json").write_text(json.dumps({"before": before, "before_teacher_nll": before_nll,
+                                                   "runs": records}, indent=1))
+    print(table(records, before, before_nll))
 
 
 if __name__ == "__main__":
