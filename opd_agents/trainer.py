@@ -102,7 +102,9 @@ class Trainer:
             model = getattr(self.teacher, "model", None)
             if model is None:
                 raise OpdError("divergence.rollout_truncation on d_k needs an in-process (hf) teacher")
-            self.rollout.online_teacher = OnlineTeacher(model, self.pad_id, self.teacher.view.prompt_ids)
+            # Full-vocabulary losses take the online pass's logits too: the teacher reads each token once.
+            self.rollout.online_teacher = OnlineTeacher(model, self.pad_id, self.teacher.view.prompt_ids,
+                                                        keep_logits=self._uses_full_teacher_logits(on_policy=True))
 
     # ---- resume ------------------------------------------------------------------------------------
     def resume(self) -> bool:
@@ -207,11 +209,15 @@ class Trainer:
         online_tokens = online.tokens_processed - online_before if online else 0
         scored_online = online is not None and cfg.loss.top_k == 0 and all(
             turn.teacher_logprobs is not None for t in trajs for turn in t.turns)
+        online_rows = online.take_logits() if online is not None and online.keep_logits else {}
         if self._uses_full_teacher_logits(on_policy):
-            # One teacher pass gives both the full distributions for the loss and the sampled-token
-            # logprobs for telemetry and the divergence policies.
-            teacher_tokens = self._full_teacher_pass(trajs)
             scores = []
+            if scored_online and all(t.id in online_rows for t in trajs):
+                self._teacher_rows, teacher_tokens = online_rows, 0
+            else:
+                # One teacher pass gives both the full distributions for the loss and the sampled-token
+                # logprobs for telemetry and the divergence policies.
+                teacher_tokens = self._full_teacher_pass(trajs)
         else:
             needs_scores = self._needs_scores(on_policy) and not scored_online
             scores = self.teacher.score_and_apply(trajs, top_k=cfg.loss.top_k) if needs_scores else []

@@ -187,3 +187,27 @@ def test_a_new_run_in_a_used_dir_starts_over(tmp_path: Path, tiny_model_dir: Pat
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1]
     assert len((tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()) == 2
+
+
+def test_online_teacher_logits_replace_the_post_rollout_pass(tmp_path: Path, tiny_model_dir: Path,
+                                                             smollm2_tokenizer_dir: Path) -> None:
+    """Forward KL with rollout-time scoring (tau = inf: nothing is cut): the loss takes the full logits the
+    online teacher kept while scoring turn by turn (KV cache reused), there is no second teacher pass,
+    and the loss equals the plain run's on the same trajectories."""
+    other_teacher = build_tiny_model(tmp_path / "teacher", smollm2_tokenizer_dir, seed=1)
+    if "opd_agents_test/Echo-v0" not in gym.registry:
+        gym.register("opd_agents_test/Echo-v0", entry_point=EchoEnv, disable_env_checker=True)
+    common = {"loss.kind": "forward_kl", "train.steps": 1, "teacher.model": str(other_teacher),
+              "env.id": "opd_agents_test/Echo-v0", "env.kwargs": {}, "env.limits.max_turns": 3,
+              "env.limits.max_tokens_per_turn": 24, "max_tokens_per_turn": 24}
+    rows = {}
+    for name, extra in (("plain", {}), ("online", {"divergence.rollout_truncation": "threshold",
+                                                   "divergence.tau": 1e9})):
+        Trainer(tiny_cfg(tmp_path / name, tiny_model_dir, **common, **extra)).train()
+        metrics = (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()
+        rows[name] = json.loads(metrics[-1])
+    plain, online = rows["plain"], rows["online"]
+    assert plain["trajectory_tokens"] == online["trajectory_tokens"]  # same episodes
+    assert plain["teacher_tokens"] > 0 and plain["teacher_tokens_rollout"] == 0
+    assert online["teacher_tokens"] == 0 and online["teacher_tokens_rollout"] > 0
+    assert online["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6)

@@ -17,20 +17,38 @@ from opd_agents.types import Trajectory
 
 
 class OnlineTeacher:
-    """Scores each new turn of every live episode with an in-process teacher model."""
+    """Scores each new turn of every live episode with an in-process teacher model.
+
+    ``keep_logits``: also keep the teacher's full-vocabulary logits at every scored token (what forward
+    KL / JSD need), so the trainer needs no second teacher pass after the rollout; ``take_logits()``
+    hands them over per trajectory, in the layout of ``HFTeacher.logits_for``.
+    """
 
     def __init__(self, model: PreTrainedModel, pad_token_id: int,
-                 prompt_ids: Callable[[Trajectory], list[int]] | None = None) -> None:
+                 prompt_ids: Callable[[Trajectory], list[int]] | None = None, keep_logits: bool = False) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
         self.prompt_ids = prompt_ids or (lambda t: list(t.prompt_ids))  # privileged view: another prompt
+        self.keep_logits = keep_logits
         self.batch: KVBatch | None = None
         self.pending: list[list[int]] = []
+        self.live_ids: list[str] = []  # trajectory id of each live row
+        self.logits: dict[str, list[torch.Tensor]] = {}
         self.tokens_processed = 0
 
     def begin(self, trajs: Sequence[Trajectory]) -> None:
         self.batch = KVBatch(self.model, self.pad_token_id)
         self.pending = [self.prompt_ids(t) for t in trajs]
+        self.live_ids = [t.id for t in trajs]
+        for t in trajs:
+            self.logits[t.id] = []
+
+    def take_logits(self) -> dict[str, torch.Tensor]:
+        """[assistant tokens, V] teacher logits per trajectory scored since the last call (then forgotten)."""
+        width = next((parts[0].shape[-1] for parts in self.logits.values() if parts), self.model.config.vocab_size)
+        rows = {tid: torch.cat(parts) if parts else torch.empty(0, width) for tid, parts in self.logits.items()}
+        self.logits = {}
+        return rows
 
     @torch.no_grad()
     def score(self, turns: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -53,6 +71,8 @@ class OnlineTeacher:
             pos = torch.arange(width - 1 - n, width - 1)
             ids = torch.tensor(list(turn), dtype=torch.long)
             out.append(logp[row, pos, ids].tolist())
+            if self.keep_logits:
+                self.logits[self.live_ids[row]].append(logits[row, pos].float())
         self.pending = [[] for _ in turns]
         return out
 
@@ -64,3 +84,4 @@ class OnlineTeacher:
         assert self.batch is not None
         self.batch.keep(rows)
         self.pending = [self.pending[r] for r in rows]
+        self.live_ids = [self.live_ids[r] for r in rows]
