@@ -207,21 +207,7 @@ class Trainer:
         t_roll = time.perf_counter()
         online = self.rollout.online_teacher if on_policy else None
         online_tokens = online.tokens_processed - online_before if online else 0
-        scored_online = online is not None and cfg.loss.top_k == 0 and all(
-            turn.teacher_logprobs is not None for t in trajs for turn in t.turns)
-        online_rows = online.take_logits() if online is not None and online.keep_logits else {}
-        if self._uses_full_teacher_logits(on_policy):
-            scores = []
-            if scored_online and all(t.id in online_rows for t in trajs):
-                self._teacher_rows, teacher_tokens = online_rows, 0
-            else:
-                # One teacher pass gives both the full distributions for the loss and the sampled-token
-                # logprobs for telemetry and the divergence policies.
-                teacher_tokens = self._full_teacher_pass(trajs)
-        else:
-            needs_scores = self._needs_scores(on_policy) and not scored_online
-            scores = self.teacher.score_and_apply(trajs, top_k=cfg.loss.top_k) if needs_scores else []
-            teacher_tokens = sum(s.tokens_processed for s in scores)
+        scores, teacher_tokens = self._teacher_signal(trajs, on_policy, online)
         topk = {t.id: s for t, s in zip(trajs, scores, strict=False)} if cfg.loss.top_k else {}
         t_div = time.perf_counter()
         for t, s in zip(trajs, scores or [None] * len(trajs), strict=True):
@@ -230,7 +216,7 @@ class Trainer:
         div_metrics = step_divergence_metrics(trajs)
         t_telemetry = time.perf_counter()
         rock_metrics = self.rock.observe(self.student, trajs if on_policy else []) if self.rock else {}
-        t_teacher = time.perf_counter()
+        t_rock = time.perf_counter()
         aux = self.evaluator.best_teacher_trajectories(step_seeds(cfg.seed, step, tc.tasks_per_step),
                                                         self.teacher, self.student) \
             if tc.teacher_rollouts_per_task > 1 else []
@@ -269,9 +255,32 @@ class Trainer:
             "teacher_tokens": teacher_tokens, "teacher_tokens_rollout": online_tokens,
             "trajectory_tokens": sum(t.num_tokens for t in trajs), "student_tokens": n_tokens,
             "time/rollout_s": t_roll - t0, "time/teacher_s": t_div - t_roll, "time/telemetry_s": t_telemetry - t_div,
-            "time/rock_s": t_teacher - t_telemetry,
+            "time/rock_s": t_rock - t_telemetry,
             "time/step_s": time.perf_counter() - t0,
         }
+
+    def _teacher_signal(self, trajs: list[Trajectory], on_policy: bool, online: OnlineTeacher | None,
+                        ) -> tuple[list[TeacherScores], int]:
+        """Get what the loss and the telemetry need from the teacher, reading each token once.
+
+        Sets turn.teacher_logprobs on every turn and, for full-vocabulary losses, this step's teacher
+        logits rows. Sources, cheapest first: the online teacher (it scored every turn during the rollout,
+        keeping full logits when the loss needs them); else one full-logits pass (the loss's
+        distributions and the sampled-token logprobs at once); else sampled-token (or top-k) scoring.
+        Returns the per-trajectory scores (top-k lists for top-k losses; [] otherwise) and the teacher
+        tokens read after the rollout."""
+        online_rows = online.take_logits() if online is not None and online.keep_logits else {}
+        scored_online = online is not None and self.cfg.loss.top_k == 0 and all(
+            turn.teacher_logprobs is not None for t in trajs for turn in t.turns)
+        if self._uses_full_teacher_logits(on_policy):
+            if scored_online and all(t.id in online_rows for t in trajs):
+                self._teacher_rows = online_rows
+                return [], 0
+            return [], self._full_teacher_pass(trajs)
+        if not self._needs_scores(on_policy) or scored_online:
+            return [], 0
+        scores = self.teacher.score_and_apply(trajs, top_k=self.cfg.loss.top_k)
+        return scores, sum(s.tokens_processed for s in scores)
 
     def _uses_full_teacher_logits(self, on_policy: bool) -> bool:
         lc, tc = self.cfg.loss, self.cfg.train
