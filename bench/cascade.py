@@ -62,15 +62,24 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+        from matplotlib.ticker import MaxNLocator
+
+        fig, (ax, ax_off) = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
         for key, label in (("with_error", "with a tool error"), ("no_error", "without")):
             pts = [(k + 1, v) for k, v in enumerate(table[key]) if v is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=label)
         ax.set_xlabel("turn k")
         ax.set_ylabel("mean d_k = mean |log pi_S - log pi_T|")
-        ax.set_title("per-turn student-teacher divergence")
+        ax.set_title("by turn index")
         ax.legend()
+        offsets = sorted(by_offset)
+        ax_off.plot(offsets, [statistics.mean(by_offset[o]) for o in offsets], marker="o", color="C0")
+        ax_off.axvline(0, color="grey", linestyle=":")
+        ax_off.set_xlabel("turns after the first failing turn")
+        ax_off.set_title("aligned on the first tool error")
+        for a in (ax, ax_off):
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.plot, dpi=120)
