@@ -77,18 +77,29 @@ def run_one(out: Path, variant: str, seed: int, threads: int) -> Path:
     return run_dir
 
 
-def heldout_teacher_nll(run_dir: Path, teacher_dir: Path) -> float:
-    """Mean -log pi_T over the student's tokens in its final held-out episodes: how teacher-like the trained
-    student behaves, a finer signal than success when few episodes succeed (scored once, then cached)."""
+SCORED = "eval_trajectories.scored.jsonl"
+
+
+def score_heldout(run_dirs: list[Path], teacher_dir: Path) -> None:
+    """Teacher logprobs on each run's final held-out episodes (once: runs already scored are skipped; the
+    teacher is loaded only if some run needs it)."""
     from opd_agents.export import rescore_file
-    from opd_agents.store import iter_trajectories
     from opd_agents.teacher import TeacherConfig, make_teacher
 
-    scored = run_dir / "eval_trajectories.scored.jsonl"
-    if not scored.exists():
-        with make_teacher(TeacherConfig(backend="hf", model=str(teacher_dir))) as scorer:
-            rescore_file(run_dir / "eval_trajectories.jsonl", scored, scorer, batch_size=8)
-    nll = [-lp for t in iter_trajectories(scored) for turn in t.turns for lp in turn.teacher_logprobs or []]
+    todo = [d for d in run_dirs if not (d / SCORED).exists()]
+    if not todo:
+        return
+    with make_teacher(TeacherConfig(backend="hf", model=str(teacher_dir))) as scorer:
+        for run_dir in todo:
+            rescore_file(run_dir / "eval_trajectories.jsonl", run_dir / SCORED, scorer, batch_size=8)
+
+
+def heldout_teacher_nll(run_dir: Path) -> float:
+    """Mean -log pi_T over the student's tokens in its final held-out episodes (``score_heldout`` first):
+    how teacher-like the trained student behaves, a finer signal than success when few episodes succeed."""
+    from opd_agents.store import iter_trajectories
+
+    nll = [-lp for t in iter_trajectories(run_dir / SCORED) for turn in t.turns for lp in turn.teacher_logprobs or []]
     return statistics.mean(nll)
 
 
@@ -155,10 +166,11 @@ def main() -> None:
     cells = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: a partial grid is still paired
     with ThreadPoolExecutor(args.jobs) as pool:
         dirs = list(pool.map(lambda cell: run_one(out, cell[0], cell[1], threads), cells))
+    score_heldout([*dirs, out / "start-eval"], out / "teacher-d2")
     records: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
     for (variant, _), run_dir in zip(cells, dirs, strict=True):
-        records[variant].append(run_record(run_dir) | {"heldout_teacher_nll": heldout_teacher_nll(run_dir, out / "teacher-d2")})
-    before_nll = heldout_teacher_nll(out / "start-eval", out / "teacher-d2")
+        records[variant].append(run_record(run_dir) | {"heldout_teacher_nll": heldout_teacher_nll(run_dir)})
+    before_nll = heldout_teacher_nll(out / "start-eval")
     (out / "ablation.json").write_text(json.dumps({"before": before, "before_teacher_nll": before_nll,
                                                    "runs": records}, indent=1))
     print(table(records, before, before_nll))

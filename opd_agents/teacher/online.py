@@ -40,8 +40,8 @@ class OnlineTeacher:
         self.batch = KVBatch(self.model, self.pad_token_id)
         self.pending = [self.prompt_ids(t) for t in trajs]
         self.live_ids = [t.id for t in trajs]
-        for t in trajs:
-            self.logits[t.id] = []
+        if self.keep_logits:  # only then does take_logits() empty this dict each step
+            self.logits.update({t.id: [] for t in trajs})
 
     def take_logits(self) -> dict[str, torch.Tensor]:
         """[assistant tokens, V] teacher logits per trajectory scored since the last call (then forgotten)."""
