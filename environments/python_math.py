@@ -10,15 +10,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, get_args
 
 import numpy as np
 
 from environments.arithmetic import Draw, expert_answer, expert_turn, grade_number, is_plain_number, tool_outputs
-from opd_agents.env import Task, ToolEnv
+from opd_agents.env import EnvLimits, Task, ToolEnv
+from opd_agents.errors import ConfigError
+from opd_agents.parsers import ToolCallParser
 from opd_agents.tool import Tool
 from opd_agents.types import Message
-from tools.python_exec import python
+from tools.python_exec import SandboxMode, make_python_tool, require_sandbox
 
 
 @dataclass(frozen=True)
@@ -157,11 +159,24 @@ PROMPT = (
 class PythonMathEnv(ToolEnv):
     """Number problems that need computation, solved with the sandboxed ``python`` tool."""
 
-    tools: ClassVar[list[Tool]] = [python]
+    tools: ClassVar[list[Tool]] = [make_python_tool()]
     system_prompt: ClassVar[str] = (
         "You are a careful assistant that solves math problems by writing and running Python code with the "
         "python tool. Run code for every computation and read its output before answering."
     )
+
+    def __init__(self, sandbox: SandboxMode = "os", parser: str | ToolCallParser = "hermes",
+                 limits: EnvLimits | dict[str, Any] | None = None, render_mode: str | None = None) -> None:
+        """``sandbox="os"`` (default) refuses to start on a host without the OS sandbox; ``"unsafe"`` runs
+        model code without it (trusted code only)."""
+        if sandbox not in get_args(SandboxMode):
+            raise ConfigError(f"sandbox must be one of {list(get_args(SandboxMode))}, got {sandbox!r}")
+        require_sandbox(sandbox)  # before any work: a host without the sandbox fails here, not mid-run
+        self.sandbox = sandbox
+        super().__init__(parser=parser, limits=limits, render_mode=render_mode)
+
+    def bound_tools(self) -> list[Tool]:
+        return [make_python_tool(sandbox=self.sandbox)]
 
     def generate_task(self, rng: np.random.Generator, seed: int, split: str) -> Task:
         template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]

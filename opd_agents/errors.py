@@ -38,4 +38,20 @@ class TokenizerMismatchError(OpdError, ValueError):
 
 
 class TeacherError(OpdError, RuntimeError):
-    """A teacher backend failed after its bounded retries (timeout, 5xx, connection refused)."""
+    """A teacher backend failed (its server is unreachable, does not serve the model, or kept failing)."""
+
+
+class SandboxUnavailableError(OpdError, RuntimeError):
+    """The host cannot provide the OS sandbox that model-written code needs (and unsafe mode is off)."""
+
+
+class UnknownEnvError(ConfigError):
+    """An environment id that is not registered with gymnasium."""
+
+
+class TeacherUnreachableError(TeacherError):
+    """A teacher server refuses the connection or does not answer in time."""
+
+
+class TeacherModelNotServedError(TeacherError):
+    """A teacher server answers but does not serve the configured model."""

@@ -1,8 +1,10 @@
-"""Bootstrap of the python tool's sandbox child: limits, then an audit hook, then the user's main.py.
+"""Bootstrap of the python tool's sandbox child: limits, then an audit hook, then the user's code.
 
-Started by `tools.python_exec` as ``python -I -S -B -X utf8 sandbox_boot.py <workdir> <memory_mb> <cpu_s>``
-with the working directory as cwd. Stdlib only. The hook is the in-process layer (namespaces, when the
-host allows them, are the OS layer); it is written so user code cannot subvert it: every builtin it uses
+Started by `tools.python_exec` (inside bubblewrap, or bare in unsafe mode) as ``python -I -S -B -X utf8
+sandbox_boot.py <workdir> <memory_mb> <cpu_s> <processes> <open_files> <file_mb> hook|no-hook`` with the
+working directory as cwd and the code on stdin; the code is saved as ``main.py`` so tracebacks show its
+lines. Stdlib only. The OS sandbox is the boundary; the hook is a second layer that turns most attempts
+into a clear message for the model. It is written so user code cannot subvert it: every builtin it uses
 is bound as a default argument (user code may monkeypatch ``builtins``/``os``), everything it holds is
 immutable (its frames are reachable through tracebacks), no user code runs inside it, and tracing, gc
 introspection and swapping its helpers' code/defaults are refused.
@@ -50,10 +52,12 @@ _READ_FILES = frozenset({"/dev/null", "/dev/urandom"})
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
-def _set_limits(memory_mb: int, cpu_s: int) -> None:
+def _set_limits(memory_mb: int, cpu_s: int, processes: int, open_files: int, file_mb: int) -> None:
     # soft == hard, so the code cannot raise them back (and resource.setrlimit is refused by the hook).
+    # RLIMIT_NPROC counts the sandbox user's processes in its own user namespace: a fork bomb stops there.
     for res, value in ((resource.RLIMIT_AS, memory_mb * _MiB), (resource.RLIMIT_CPU, cpu_s),
-                       (resource.RLIMIT_FSIZE, 16 * _MiB), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
+                       (resource.RLIMIT_FSIZE, file_mb * _MiB), (resource.RLIMIT_NOFILE, open_files),
+                       (resource.RLIMIT_NPROC, processes), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (value, value))
 
 
@@ -167,14 +171,17 @@ def _report(exc: BaseException, boot_file: str) -> None:
 
 
 def main() -> None:
-    workdir, memory_mb, cpu_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    _set_limits(memory_mb, cpu_s)
-    _neuter_posixsubprocess()
-    read_roots = tuple(os.path.normpath(os.path.abspath(p)) for p in sys.path if p)
-    with open(os.path.join(workdir, "main.py"), encoding="utf-8") as f:
-        source = f.read()
+    workdir = sys.argv[1]
+    memory_mb, cpu_s, processes, open_files, file_mb = (int(a) for a in sys.argv[2:7])
+    source = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+    with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(source)
+    _set_limits(memory_mb, cpu_s, processes, open_files, file_mb)
     boot_file = __file__
-    sys.addaudithook(_make_hook(os.path.normpath(workdir), read_roots))
+    if sys.argv[7] == "hook":
+        _neuter_posixsubprocess()
+        read_roots = tuple(os.path.normpath(os.path.abspath(p)) for p in sys.path if p)
+        sys.addaudithook(_make_hook(os.path.normpath(workdir), read_roots))
     # The user's code is __main__ (pickle and `if __name__ == "__main__"` behave as in a script).
     module = types.ModuleType("__main__")
     module.__file__ = "main.py"
