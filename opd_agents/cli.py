@@ -250,11 +250,11 @@ def score(
         cfg = TeacherConfig(backend=backend, model=teacher, api_base=api_base, device=device, batch_size=batch_size)
         student_tok = None
         if student:
-            from transformers import AutoTokenizer
+            from opd_agents.models import check_model
+            from opd_agents.preflight import student_tokenizer
 
-            from opd_agents.models import resolve_model
-
-            student_tok = AutoTokenizer.from_pretrained(resolve_model(student))
+            check_model(student)
+            student_tok = student_tokenizer(student)
         with make_teacher(cfg, student_tokenizer=student_tok) as scorer:
             n = rescore_file(file, out, scorer, batch_size=batch_size, top_k=top_k, on_error=_report_issue)
     except (OpdError, OSError, ValueError, ValidationError) as e:

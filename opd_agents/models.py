@@ -77,7 +77,29 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
         return _ensure_builtin(name)
-    raise ModelLoadError(
+    raise _not_found(name, path)
+
+
+def check_model(name_or_path: str | os.PathLike[str]) -> None:
+    """``resolve_model``'s checks without its work (no conversion, no weights read): a preflight."""
+    path = Path(name_or_path).expanduser()
+    name = str(name_or_path)
+    if path.exists():
+        check_causal_lm_dir(path)
+        _check_tokenizer_files(path)
+    elif name not in BUILTIN_MODELS:
+        raise _not_found(name, path)
+    elif not _is_complete(builtin_model_dir(name)):
+        builtin_gguf_path(name)  # its package must be installed
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"model directory {path} has no tokenizer; expected one of {', '.join(_TOKENIZER_FILES)}")
+
+
+def _not_found(name: str, path: Path) -> ModelLoadError:
+    return ModelLoadError(
         f"model {name!r}: no such file or directory ({path.resolve()}) and not a built-in model. "
         f"Expected a local directory with config.json, weights and a tokenizer, or one of the built-in "
         f"models: {', '.join(sorted(BUILTIN_MODELS))}"
@@ -121,8 +143,7 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model (eval mode, on ``device``) and its tokenizer (pad token = eos when it has none)."""
     path = resolve_model(name_or_path)
-    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise ModelLoadError(f"model directory {path} has no tokenizer; expected one of {', '.join(_TOKENIZER_FILES)}")
+    _check_tokenizer_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -31,6 +31,7 @@ from opd_agents.losses import (
 )
 from opd_agents.models import load_model
 from opd_agents.policy import AssistantBatch, assistant_batch, cross_entropy, pad_rows
+from opd_agents.preflight import preflight
 from opd_agents.registry import make_env
 from opd_agents.renderer import ChatMLRenderer
 from opd_agents.rock_tokens import RockTokenMonitor
@@ -56,6 +57,7 @@ def step_seeds(run_seed: int, step: int, n: int) -> list[int]:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, console: Console | None = None) -> None:
+        preflight(cfg)  # before the run dir or any model: a bad id, path or server fails in seconds
         self.cfg = cfg
         self.console = console or Console()
         self.run_dir = Path(cfg.run_dir)

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoTokenizer
 
 from opd_agents.env import Task, ToolEnv
-from opd_agents.errors import TeacherError, TokenizerMismatchError
+from opd_agents.errors import TeacherError, TeacherUnreachableError, TokenizerMismatchError
 from opd_agents.expert import play_expert
 from opd_agents.models import load_model
 from opd_agents.parsers import get_parser
@@ -244,8 +244,16 @@ def test_make_teacher(tiny: Any, tiny_model_dir: Path, trajs: list[Trajectory]) 
         make_teacher({"backend": "hf", "model": "x", "temprature": 1.0})
     with pytest.raises(ValueError, match="api_base"):
         make_teacher({"backend": "server", "model": "tiny"})
-    server = make_teacher({"backend": "server", "model": "tiny", "api_base": "http://127.0.0.1:1/v1"})
+
+
+def test_make_teacher_checks_a_server_at_once(tiny: Any, fake_server: Any) -> None:
+    _, tok, _ = tiny
+    _, api_base = fake_server
+    server = make_teacher({"backend": "server", "model": "tiny", "api_base": api_base}, student_tokenizer=tok)
     assert isinstance(server, ServerTeacher) and server.litellm_model == "openai/tiny"
+    assert getattr(server, "model", None) is None  # callers read .model as an in-process model
+    with pytest.raises(TeacherUnreachableError, match="127.0.0.1:1/v1"):  # port 1: nothing listens
+        make_teacher({"backend": "server", "model": "tiny", "api_base": "http://127.0.0.1:1/v1"})
 
 
 # ---- ServerTeacher against real local HTTP servers ---------------------------------------------------
@@ -302,12 +310,23 @@ class FakeVLLM:
 
 @pytest.fixture(scope="module")
 def fake_server(tiny: Any) -> Iterator[tuple[FakeVLLM, str]]:
+    """FakeVLLM behind vLLM's routes: POST /v1/completions, and for the start-up check GET /v1/models and
+    POST /tokenize (with the tiny model's tokenizer)."""
     fake = FakeVLLM(tiny[0])
 
     class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server naming
+            self.answer(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+
         def do_POST(self) -> None:  # noqa: N802 - http.server naming
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            status, body = fake.handle(req)
+            if self.path == "/tokenize":
+                ids = tiny[1].encode(req["prompt"], add_special_tokens=req.get("add_special_tokens", True))
+                self.answer(200, {"count": len(ids), "max_model_len": 2048, "tokens": ids})
+            else:
+                self.answer(*fake.handle(req))
+
+        def answer(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client timed out and left
                 self.send_response(status)

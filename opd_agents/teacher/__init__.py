@@ -44,7 +44,8 @@ def make_teacher(
     privileged: PrivilegedFn | None = None,
 ) -> Teacher:
     """Build a teacher from a config (unknown keys are refused). ``student_tokenizer``: checked against
-    the teacher's tokenizer (hf and vllm backends; a server's tokenizer cannot be inspected from here)."""
+    the teacher's tokenizer. A server is checked at once (``ServerTeacher.check``: it answers, serves the
+    model and, given ``student_tokenizer``, tokenizes like the student), so a dead one fails here."""
     cfg = spec if isinstance(spec, TeacherConfig) else TeacherConfig.model_validate(dict(spec))
     if cfg.backend == "hf":
         teacher = HFTeacher(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype), batch_size=cfg.batch_size,
@@ -55,9 +56,12 @@ def make_teacher(
     if cfg.backend == "server":
         if not cfg.api_base:
             raise ValueError("teacher backend 'server' needs api_base (e.g. http://127.0.0.1:8000/v1)")
-        return ServerTeacher(cfg.model, cfg.api_base, api_key=cfg.api_key, concurrency=cfg.concurrency,
-                             timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
-                             privileged=privileged, renderer=renderer, teacher_id=cfg.teacher_id)
+        server = ServerTeacher(cfg.model, cfg.api_base, api_key=cfg.api_key, concurrency=cfg.concurrency,
+                               timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
+                               score_timeout_s=cfg.score_timeout_s, check_timeout_s=cfg.check_timeout_s,
+                               privileged=privileged, renderer=renderer, teacher_id=cfg.teacher_id)
+        server.check(student_tokenizer)
+        return server
     path = resolve_model(cfg.model)
     if student_tokenizer is not None:  # before the engine starts (tens of seconds)
         check_same_tokenizer(student_tokenizer, AutoTokenizer.from_pretrained(path))

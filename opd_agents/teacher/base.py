@@ -205,7 +205,8 @@ def _field(value: Any, name: str) -> Any:
 
 
 # ---- tokenizer check -------------------------------------------------------------------------------
-_PROBE = 'Hello, world! <|im_start|>user\n17*23 = ?<|im_end|>\n<tool_call>{"x": [1, 2.5]}</tool_call>\tdéjà vu 東京'
+PROBE_TEXT = ('Hello, world! <|im_start|>user\n17*23 = ?<|im_end|>\n<tool_call>{"x": [1, 2.5]}</tool_call>'
+              '\tdéjà vu 東京')
 
 
 def _vocab_hash(tok: PreTrainedTokenizerBase) -> str:
@@ -238,8 +239,8 @@ def check_same_tokenizer(student_tok: PreTrainedTokenizerBase, teacher_tok: PreT
         problems.append(f"special tokens differ: only student {sorted(s_special - t_special)}, "
                         f"only teacher {sorted(t_special - s_special)}")
     if not problems:
-        s_ids = student_tok.encode(_PROBE, add_special_tokens=False)
-        t_ids = teacher_tok.encode(_PROBE, add_special_tokens=False)
+        s_ids = student_tok.encode(PROBE_TEXT, add_special_tokens=False)
+        t_ids = teacher_tok.encode(PROBE_TEXT, add_special_tokens=False)
         if s_ids != t_ids:
             problems.append(f"same vocabulary but a probe text tokenizes differently (merge rules or "
                             f"normalisation differ): {s_ids[:12]} vs {t_ids[:12]}")
@@ -268,8 +269,10 @@ class TeacherConfig(BaseModel):
     api_base: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     api_key: str = "x"
     concurrency: int = Field(4, gt=0)
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0, description="one scoring request")
     max_retries: int = Field(3, ge=0)
     backoff_s: float = Field(0.5, ge=0)
+    score_timeout_s: float = Field(60.0, gt=0, description="one trajectory's scoring, retries and backoff included")
+    check_timeout_s: float = Field(10.0, gt=0, description="each request of the start-up check (never retried)")
     # vllm
     max_model_len: int = Field(2048, gt=0)

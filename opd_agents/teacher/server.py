@@ -4,27 +4,60 @@ One request per trajectory: POST /v1/completions with the teacher's token ids as
 ``max_tokens=1`` and ``prompt_logprobs=k`` (vLLM extension). The server runs one forward pass over the
 whole prompt and returns, per position, the log-prob of the actual token (+ its top-k when k > 0).
 Requests run concurrently; a failed request is retried with exponential backoff on timeouts, refused
-connections, 429 and 5xx, and anything else (or running out of retries) raises TeacherError: a batch is
-scored completely or not at all.
+connections, 429 and 5xx, and anything else (or running out of retries, or of one trajectory's time
+budget ``score_timeout_s``) raises TeacherError: a batch is scored completely or not at all.
+
+``check()`` runs before any work (the trainer's preflight): the server answers, serves the model and
+tokenizes a probe text into the student's ids, each request bounded by ``check_timeout_s`` and never
+retried.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
-from opd_agents.errors import TeacherError
+from transformers import PreTrainedTokenizerBase
+
+from opd_agents.errors import (
+    TeacherError,
+    TeacherModelNotServedError,
+    TeacherUnreachableError,
+    TokenizerMismatchError,
+)
 from opd_agents.renderer import ChatMLRenderer
-from opd_agents.teacher.base import PrivilegedFn, Teacher, TeacherScores, TeacherSequence, parse_prompt_logprobs
+from opd_agents.teacher.base import (
+    PROBE_TEXT,
+    PrivilegedFn,
+    Teacher,
+    TeacherScores,
+    TeacherSequence,
+    parse_prompt_logprobs,
+)
 from opd_agents.types import Trajectory
 
 # litellm fetches a model cost map from the web on import unless told to use its bundled copy.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+@functools.cache
+def _litellm() -> ModuleType:
+    """litellm, imported once and quieted: it prints a feedback banner on every failed request and logs
+    each failure, while our TeacherError already says what failed."""
+    import litellm
+
+    litellm.suppress_debug_info = True
+    logging.getLogger("LiteLLM").setLevel(logging.CRITICAL)
+    return litellm
 
 
 @dataclass(frozen=True)
@@ -32,6 +65,7 @@ class _Failure:
     kind: str
     detail: str
     retryable: bool
+    unreachable: bool = False  # refused / timed out, as opposed to an answer we cannot use
 
 
 def _classify(exc: BaseException) -> _Failure:
@@ -46,10 +80,10 @@ def _classify(exc: BaseException) -> _Failure:
         e = e.__cause__ or e.__context__
     detail = f"{type(exc).__name__}: {str(exc)[:300]}"
     if any(isinstance(c, (openai.APITimeoutError, httpx.TimeoutException, TimeoutError)) for c in chain):
-        return _Failure("timeout", detail, retryable=True)
+        return _Failure("timeout", detail, retryable=True, unreachable=True)
     # litellm reports a refused connection as InternalServerError("Connection error."); the cause tells.
     if any(isinstance(c, (httpx.ConnectError, ConnectionError, openai.APIConnectionError)) for c in chain):
-        return _Failure("connection failed", detail, retryable=True)
+        return _Failure("connection failed", detail, retryable=True, unreachable=True)
     status = next((s for c in chain if isinstance(s := getattr(c, "status_code", None), int)), None)
     if status is not None and (status >= 500 or status == 429):
         return _Failure(f"HTTP {status}", detail, retryable=True)
@@ -61,8 +95,11 @@ class ServerTeacher(Teacher):
 
     ``model`` is the served model name (``--served-model-name``); ``api_base`` the OpenAI base URL, e.g.
     ``http://127.0.0.1:8000/v1``. ``max_retries`` retries follow the first attempt, sleeping
-    ``backoff_s * 2**i`` before retry i. Note: vLLM caps ``prompt_logprobs`` at its ``--max-logprobs``
-    (default 20); a larger ``top_k`` is refused by the server (HTTP 400 -> TeacherError).
+    ``backoff_s * 2**i`` before retry i; each attempt waits at most ``timeout_s`` and one trajectory's
+    attempts and sleeps together at most ``score_timeout_s``, so a server that hangs fails a ``score``
+    call within about ``score_timeout_s``. ``check_timeout_s`` bounds each request of ``check()``.
+    Note: vLLM caps ``prompt_logprobs`` at its ``--max-logprobs`` (default 20); a larger ``top_k`` is
+    refused by the server (HTTP 400 -> TeacherError).
     """
 
     def __init__(
@@ -71,25 +108,30 @@ class ServerTeacher(Teacher):
         api_base: str,
         api_key: str = "x",
         concurrency: int = 4,
-        timeout_s: float = 60.0,
+        timeout_s: float = 30.0,
         max_retries: int = 3,
         backoff_s: float = 0.5,
+        score_timeout_s: float = 60.0,
+        check_timeout_s: float = 10.0,
         privileged: PrivilegedFn | None = None,
         renderer: ChatMLRenderer | None = None,
         teacher_id: str | None = None,
     ) -> None:
-        if concurrency < 1 or max_retries < 0 or timeout_s <= 0 or backoff_s < 0:
-            raise ValueError("ServerTeacher needs concurrency >= 1, max_retries >= 0, timeout_s > 0, backoff_s >= 0")
+        if concurrency < 1 or max_retries < 0 or min(timeout_s, score_timeout_s, check_timeout_s) <= 0 or backoff_s < 0:
+            raise ValueError("ServerTeacher needs concurrency >= 1, max_retries >= 0, backoff_s >= 0 and timeouts > 0")
         super().__init__(teacher_id or model, renderer, privileged)
-        self.model = model
-        # litellm picks the provider from the prefix; "openai/" = any OpenAI-compatible server.
+        # litellm picks the provider from the prefix; "openai/" = any OpenAI-compatible server. The name is
+        # not kept as ``self.model``: callers take that attribute for an in-process model they can run.
         self.litellm_model = model if model.startswith("openai/") else f"openai/{model}"
+        self.served_name = self.litellm_model.removeprefix("openai/")
         self.api_base = api_base.rstrip("/")
         self.api_key = api_key
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.score_timeout_s = score_timeout_s
+        self.check_timeout_s = check_timeout_s
 
     def score(self, trajs: Sequence[Trajectory], top_k: int = 0) -> list[TeacherScores]:
         if top_k < 0:
@@ -120,15 +162,15 @@ class ServerTeacher(Teacher):
                 raise ValueError("the response has no prompt_logprobs (not a vLLM server, or an old one?)")
             lps, top_ids, top_lps = parse_prompt_logprobs(plp, seq, top_k)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise self._error("malformed response", 1, traj, f"{type(e).__name__}: {e}") from e
+            raise self._error(_Failure("malformed response", f"{type(e).__name__}: {e}", False), 1, traj) from e
         return TeacherScores(
             logprobs=seq.split(lps), topk_ids=seq.split(top_ids) if top_k else None,
             topk_logprobs=seq.split(top_lps) if top_k else None, tokens_processed=len(seq.input_ids),
         )
 
     def _request(self, traj: Trajectory, ids: list[int], top_k: int, abort: threading.Event) -> Any:
-        import litellm
-
+        litellm = _litellm()
+        deadline = time.monotonic() + self.score_timeout_s
         attempts = 0
         while True:
             if abort.is_set():
@@ -138,21 +180,100 @@ class ServerTeacher(Teacher):
                 return litellm.text_completion(
                     model=self.litellm_model, api_base=self.api_base, api_key=self.api_key, prompt=ids,
                     max_tokens=1, temperature=0.0, extra_body={"prompt_logprobs": top_k},
-                    timeout=self.timeout_s, max_retries=0,  # retries are ours (the openai client defaults to 2)
+                    timeout=max(min(self.timeout_s, deadline - time.monotonic()), 0.01),
+                    max_retries=0,  # retries are ours (the openai client defaults to 2)
                 )
             except Exception as e:  # noqa: BLE001 - every failure is classified below
                 failure = _classify(e)
                 if not failure.retryable or attempts > self.max_retries:
-                    raise self._error(failure.kind, attempts, traj, failure.detail) from e
-            if abort.wait(self.backoff_s * 2 ** (attempts - 1)):
+                    raise self._error(failure, attempts, traj) from e
+                pause = self.backoff_s * 2 ** (attempts - 1)
+                if time.monotonic() + pause >= deadline:  # the budget ends before another attempt could
+                    spent = (f"no answer within {self.score_timeout_s:g}s" if failure.kind == "timeout" else
+                             f"{failure.kind}, {self.score_timeout_s:g}s budget spent")
+                    failure = _Failure(spent, failure.detail, retryable=False, unreachable=failure.unreachable)
+                    raise self._error(failure, attempts, traj) from e
+            if abort.wait(pause):
                 raise TeacherError(f"teacher server {self.api_base}: cancelled after another request failed")
 
-    def _error(self, kind: str, attempts: int, traj: Trajectory, detail: str) -> TeacherError:
-        return TeacherError(
-            f"teacher server {self.api_base} (model {self.model!r}): {kind} after {attempts} attempt(s) "
-            f"(timeout {self.timeout_s:g}s, max_retries {self.max_retries}) while scoring trajectory "
-            f"{traj.id}; no scores were written. Last error: {detail}"
+    def _error(self, failure: _Failure, attempts: int, traj: Trajectory) -> TeacherError:
+        cls = TeacherUnreachableError if failure.unreachable else TeacherError
+        return cls(
+            f"teacher server {self.api_base} (model {self.served_name!r}): {failure.kind} after {attempts} attempt(s) "
+            f"(timeout {self.timeout_s:g}s per request, {self.score_timeout_s:g}s per trajectory, max_retries "
+            f"{self.max_retries}) while scoring trajectory {traj.id}; no scores were written. "
+            f"Last error: {failure.detail}"
         )
+
+    # ---- start-up check ----------------------------------------------------------------------------
+    def check(self, student_tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        """Fail fast, before any work: the server answers and serves ``model``; with ``student_tokenizer``,
+        its tokenizer must also turn a probe text into the student's ids."""
+        self.check_serves_model()
+        if student_tokenizer is not None:
+            self.check_tokenizer(student_tokenizer)
+
+    def check_serves_model(self) -> None:
+        """GET /v1/models: TeacherUnreachableError (refused, no answer), TeacherModelNotServedError."""
+        url = f"{self.api_base}/models"
+        resp = self._get_json("GET", url)
+        try:
+            served = [str(m["id"]) for m in resp["data"]]
+        except (KeyError, TypeError) as e:
+            raise TeacherError(f"{self._where()}: GET {url} did not return an OpenAI model list "
+                               f"({type(e).__name__}: {e}); is this an OpenAI-compatible (vLLM) server?") from e
+        if self.served_name not in served:
+            raise TeacherModelNotServedError(
+                f"{self._where()}: model {self.served_name!r} is not served; the server serves: "
+                f"{', '.join(repr(m) for m in served) or 'no model'}. Set teacher.model to its --served-model-name")
+
+    def check_tokenizer(self, student_tokenizer: PreTrainedTokenizerBase) -> None:
+        """POST /tokenize (vLLM) on a probe text; different ids raise TokenizerMismatchError. A server
+        without /tokenize (404) gets a warning: its tokenizer cannot be checked from here."""
+        url = f"{self.api_base.removesuffix('/v1')}/tokenize"
+        body = {"model": self.served_name, "prompt": PROBE_TEXT, "add_special_tokens": False}
+        resp = self._get_json("POST", url, body, allow_404=True)
+        if resp is None:
+            warnings.warn(f"{self._where()}: POST {url} answered 404 (not a vLLM server?), so its tokenizer "
+                          f"cannot be checked; it must be the student's, or every teacher score is wrong",
+                          stacklevel=2)
+            return
+        theirs = resp.get("tokens") if isinstance(resp, dict) else None
+        if not isinstance(theirs, list):
+            raise TeacherError(f"{self._where()}: POST {url} returned no 'tokens' list: {str(resp)[:200]}")
+        ours = student_tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
+        if theirs != ours:
+            i = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+            raise TokenizerMismatchError(
+                f"{self._where()}: the server's tokenizer differs from the student's: a probe text gives "
+                f"{len(theirs)} ids on the server and {len(ours)} for the student, first differing at "
+                f"position {i}: server {theirs[i:i + 6]} vs student {ours[i:i + 6]}. Teacher scores are looked "
+                f"up by the student's token ids, so serve a model of the student's family")
+
+    def _where(self) -> str:
+        return f"teacher server {self.api_base} (model {self.served_name!r})"
+
+    def _get_json(self, method: str, url: str, body: dict[str, Any] | None = None, allow_404: bool = False) -> Any:
+        """One request, no retry, bounded by check_timeout_s; its JSON body (None for an allowed 404)."""
+        import httpx
+
+        try:
+            resp = httpx.request(method, url, json=body, timeout=self.check_timeout_s,
+                                 headers={"Authorization": f"Bearer {self.api_key}"})
+        except httpx.TimeoutException as e:
+            raise TeacherUnreachableError(f"{self._where()}: no answer within {self.check_timeout_s:g}s to "
+                                          f"{method} {url} ({type(e).__name__})") from e
+        except httpx.HTTPError as e:  # refused, unresolvable host, reset...
+            raise TeacherUnreachableError(f"{self._where()}: {method} {url} failed: {type(e).__name__}: {e} "
+                                          f"(is the server running?)") from e
+        if resp.status_code == 404 and allow_404:
+            return None
+        if resp.status_code != 200:
+            raise TeacherError(f"{self._where()}: {method} {url} answered HTTP {resp.status_code}: {resp.text[:200]}")
+        try:
+            return resp.json()
+        except ValueError as e:
+            raise TeacherError(f"{self._where()}: {method} {url} did not answer JSON: {resp.text[:200]!r}") from e
 
 
 def wait_for_server(api_base: str, timeout_s: float = 180.0, proc_alive: Callable[[], bool] | None = None) -> float:
