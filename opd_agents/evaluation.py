@@ -33,17 +33,22 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / "metrics.jsonl"
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb: Any = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            self.tb = None
+        self.tb_dir = run_dir / "tensorboard"
+        # Set on resume: TensorBoard then drops the earlier event files' steps >= it (they are redone).
+        self.purge_step: int | None = None
+        self.tb: Any = None
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
+        if self.tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.tb_dir), purge_step=self.purge_step)
+            except ImportError:
+                self.tb = False
+        if self.tb:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, row.get("step", 0))

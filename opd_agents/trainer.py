@@ -20,7 +20,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import get_scheduler
 
-from opd_agents.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from opd_agents.checkpoint import (
+    latest_checkpoint, load_trainer_state, rewind_run_dir, save_checkpoint, set_rng_state, sync_logs,
+)
 from opd_agents.config import RunConfig
 from opd_agents.errors import OpdError
 from opd_agents.divergence import annotate_turns, apply_policies, rollout_stop_reason, step_divergence_metrics
@@ -43,6 +45,10 @@ from opd_agents.teacher import TeacherScores, apply_scores
 from opd_agents.teacher.online import OnlineTeacher
 from opd_agents.training_view import TrainingView
 from opd_agents.types import SamplingParams, Trajectory
+
+
+# Append-only logs of a run dir: a checkpoint records their sizes, --resume cuts them back to those.
+RUN_LOGS = ("metrics.jsonl", "trajectories.jsonl", "eval_trajectories.jsonl")
 
 
 class TeacherTooWeakError(OpdError):
@@ -111,9 +117,12 @@ class Trainer:
     # ---- resume ------------------------------------------------------------------------------------
     def resume(self) -> bool:
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
-        if ckpt is None:
+        if ckpt is None:  # train() then clears the run dir: its logs start over empty
             self.console.print("[yellow]--resume: no complete checkpoint yet; starting from step 0")
             return False
+        cut = {name: n for name, n in rewind_run_dir(self.run_dir, ckpt).items() if n}
+        if cut:  # records of steps after the checkpoint: they are redone, and logged again
+            self.console.print("cut back to the checkpoint: " + ", ".join(f"{n} bytes of {k}" for k, n in cut.items()))
         load_weights(self.student, ckpt / "model")
         state = load_trainer_state(ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -123,6 +132,7 @@ class Trainer:
         if self.rock is not None and "rock" in state:
             self.rock.load_state_dict(state["rock"])
         self.start_step = int(state["step"])
+        self.metrics.purge_step = self.start_step + 1
         self.console.print(f"resumed from {ckpt} (next step {self.start_step + 1})")
         return True
 
@@ -151,8 +161,10 @@ class Trainer:
                 self.metrics.write(row)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                     extra = {"summary": self.summary, **({"rock": self.rock.state_dict()} if self.rock else {})}
+                    # The step's records are all written: their end on disk is where a resume cuts back to.
                     save_checkpoint(self.run_dir / "checkpoints", step, self.student, self.optimizer,
-                                    self.scheduler, extra, tokenizer=self.tokenizer)
+                                    self.scheduler, extra, tokenizer=self.tokenizer,
+                                    log_bytes=sync_logs(self.run_dir, RUN_LOGS))
                 live = f"loss {row['loss']:.3f} train-success {row['rollout/success_rate']:.2f}"
                 if "eval/success_rate" in row:
                     live += f" heldout {row['eval/success_rate']:.2f}"
@@ -165,13 +177,13 @@ class Trainer:
     def _clear_previous_run(self) -> None:
         """A new run (not --resume) in a used run dir replaces the earlier run's outputs instead of mixing
         into them; an SFT teacher built there is kept (it is reused when its settings match)."""
-        stale = [self.run_dir / n for n in ("metrics.jsonl", "trajectories.jsonl", "eval_trajectories.jsonl",
-                                           "summary.json") if (self.run_dir / n).exists()]
+        stale = [self.run_dir / n for n in (*RUN_LOGS, "summary.json") if (self.run_dir / n).exists()]
         if stale or (self.run_dir / "checkpoints").exists():
             self.console.print(f"[yellow]{self.run_dir} holds an earlier run: starting over (use --resume to continue it)")
         for path in stale:
             path.unlink()
         shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)  # append-only too: its events would mix
 
     def _check_teacher_strength(self, student_success: float) -> None:
         strength = self.cfg.teacher_strength

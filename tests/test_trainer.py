@@ -82,6 +82,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, tiny
     resumed.train()
     a, b = params(straight.student), params(resumed.student)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert not (tmp_path / "b" / "run" / "checkpoints" / ".step_000003.partial").exists()
 
     def train_seeds(run: Path) -> list[int]:
         return [json.loads(line)["seed"] for line in (run / "trajectories.jsonl").read_text().splitlines()]
