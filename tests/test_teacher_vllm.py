@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from opd_agents.errors import TeacherModelNotServedError
 from opd_agents.expert import play_expert
 from opd_agents.models import build_tiny_model, load_model
 from opd_agents.parsers import get_parser
@@ -103,6 +104,16 @@ def _max_topk_diff(a: list[TeacherScores], b: list[TeacherScores]) -> float:
     diffs = [np.abs(np.array(x.topk_logprobs[k]) - np.array(y.topk_logprobs[k])).max()  # type: ignore[index]
              for x, y in zip(a, b, strict=True) for k in range(len(x.logprobs)) if x.logprobs[k]]
     return float(max(diffs))
+
+
+def test_preflight_against_the_real_server(setup: Any, server: str) -> None:
+    """vLLM's own /v1/models and /tokenize: the served model and the student's tokenizer pass the check."""
+    hf, _, _ = setup
+    start = time.perf_counter()
+    ServerTeacher("tiny", server).check(hf.tokenizer)
+    print(f"\n[vllm] preflight check passed in {time.perf_counter() - start:.2f}s")
+    with pytest.raises(TeacherModelNotServedError, match="model 'teacher' is not served; the server serves: 'tiny'"):
+        ServerTeacher("teacher", server).check()
 
 
 def test_server_and_hf_agree(setup: Any, server: str) -> None:
