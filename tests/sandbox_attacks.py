@@ -82,6 +82,12 @@ ATTEMPTS: dict[str, str] = {
     "write a global /proc/sys knob": _attempt("open('/proc/sys/vm/drop_caches', 'w').write('3')"),
     "write /proc/sys (even the own UTS namespace's)": _attempt("open('/proc/sys/kernel/hostname', 'w').write('x')"),
     "become root (setuid 0)": _attempt("os.setuid(0)"),
+    "ptrace the sandbox's own pid 1": _attempt(
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "if libc.ptrace(16, 1, 0, 0) != 0:\n    raise OSError(ctypes.get_errno(), 'ptrace')"),
+    "io_uring_setup (kernel attack surface)": _attempt(
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nparams = ctypes.create_string_buffer(120)\n"
+        "if libc.syscall(425, 8, params) < 0:\n    raise OSError(ctypes.get_errno(), 'io_uring_setup')"),
     # ---- network -----------------------------------------------------------------------------------
     "TCP to the host's loopback listener": _attempt(
         "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)"),

