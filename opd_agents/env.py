@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd_agents.errors import EnvOrderError
-from opd_agents.parsers import ToolCallParser, get_parser
+from opd_agents.parsers import ParsedTurn, ToolCallParser, get_parser
 from opd_agents.tool import Tool, ToolBox
 from opd_agents.types import ErrorType, Message, StopReason, ToolResult
 
@@ -103,6 +103,8 @@ class EnvLimits(BaseModel):
     max_turns: int = Field(8, gt=0)
     max_tool_calls: int = Field(16, gt=0)
     max_consecutive_parse_errors: int = Field(3, gt=0)
+    # A longer assistant message is a parse error without being parsed (runaway output; bounds parse time).
+    max_message_chars: int = Field(65_536, gt=0)
     parse_error_penalty: float = Field(0.0, ge=0.0)
     # Token-level limits, enforced by the rollout (the env only sees text).
     max_tokens_per_turn: int = Field(256, gt=0)
@@ -174,7 +176,10 @@ class ToolEnv(gym.Env[list, str]):
         assert self.task is not None
         self._turns += 1
         self.history.append(Message(role="assistant", content=action))
-        parsed = self.parser.parse(action)
+        if len(action) > self.limits.max_message_chars:
+            parsed = ParsedTurn(errors=[f"message longer than {self.limits.max_message_chars} characters"])
+        else:
+            parsed = self.parser.parse(action)
         info: dict[str, Any] = {"tool_calls": parsed.calls, "tool_results": [], "stop_reason": None}
 
         if parsed.is_final:
@@ -186,10 +191,15 @@ class ToolEnv(gym.Env[list, str]):
             ToolResult(name=None, content=f"formatting issue: {err}", error_type=ErrorType.parse_error)
             for err in parsed.errors
         ]
-        room = self.limits.max_tool_calls - self._tool_calls
-        calls = parsed.calls[: max(room, 0)]
+        room = max(self.limits.max_tool_calls - self._tool_calls, 0)
         self._tool_calls += len(parsed.calls)
-        results += self.toolbox.execute(calls)
+        results += self.toolbox.execute(parsed.calls[:room])
+        results += [  # every call gets a result, so the trajectory says what became of it
+            ToolResult(call_id=c.id, name=c.name, error_type=ErrorType.max_tool_calls,
+                       content=f"Not executed: the limit of {self.limits.max_tool_calls} tool calls per episode "
+                               "was reached")
+            for c in parsed.calls[room:]
+        ]
         info["tool_results"] = results
         obs = [Message(role="tool", name=r.name, tool_call_id=r.call_id, content=r.content) for r in results]
         self.history.extend(obs)

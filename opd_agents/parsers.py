@@ -1,6 +1,9 @@
 """Tool-call parsers: assistant text -> tool calls, parse errors, or a final answer.
 
 Each parser also knows the stop string that closes a call, so the sampler can stop right after it.
+All three run in time linear in the message length: no pattern may rescan the text from every start
+position (a lazy ``.*?``, or a whitespace run spanning lines retried at each line, made ReAct cubic on blank
+lines). The env caps the message length as well (``EnvLimits.max_message_chars``).
 """
 
 from __future__ import annotations
@@ -103,16 +106,25 @@ class FencedJsonParser(ToolCallParser):
         "To call a function, write a fenced block tagged tool_call containing a json object:\n"
         '```tool_call\n{"name": <function-name>, "arguments": <args-json-object>}\n```'
     )
-    _block = re.compile(r"```tool_call\s*\n(.*?)```", re.S)
+    _open, _fence = "```tool_call", "```"
+    _line_end = re.compile(r"\s*\n")  # the tag ends its line; the JSON starts after the last blank line
 
     def parse(self, text: str) -> ParsedTurn:
+        # str.find, not one regex: a lazy body retried after each newline of a blank run was quadratic.
         out = ParsedTurn()
-        last = 0
-        for m in self._block.finditer(text):
-            call, err = _call_from_json(m.group(1))
+        pos = last = 0
+        while (start := text.find(self._open, pos)) != -1:
+            pos = start + len(self._open)
+            head = self._line_end.match(text, pos)
+            if head is None:  # "```tool_call" inside a line is not a block
+                continue
+            end = text.find(self._fence, head.end())
+            if end == -1:
+                break
+            call, err = _call_from_json(text[head.end() : end])
             out.calls.append(call) if call else out.errors.append(err or "invalid tool call")
-            last = m.end()
-        if "```tool_call" in text[last:]:
+            pos = last = end + len(self._fence)
+        if self._open in text[last:]:
             out.errors.append("unterminated ```tool_call block (missing closing ```)")
         return out
 
@@ -131,7 +143,9 @@ class ReActParser(ToolCallParser):
     )
     # [ \t], not \s: "Action:\nAction Input: ..." must not read the next line as the tool name.
     _action = re.compile(r"^[ \t]*Action:[ \t]*(.*)$", re.M)
-    _input = re.compile(r"^\s*Action Input:\s*(.*?)(?=^\s*(?:Action:|Observation:|Final Answer:)|\Z)", re.M | re.S)
+    # Markers start a line after horizontal whitespace only ([^\S\n]), so each attempt stays on one line.
+    _input = re.compile(r"^[^\S\n]*Action Input:", re.M)
+    _input_end = re.compile(r"^[^\S\n]*(?:Action:|Observation:|Final Answer:)", re.M)
 
     def parse(self, text: str) -> ParsedTurn:
         out = ParsedTurn()
@@ -145,7 +159,9 @@ class ReActParser(ToolCallParser):
             elif inp is None:
                 out.errors.append(f"Action {name!r} has no 'Action Input:' line")
             else:
-                call, err = _call_from_json(json.dumps({"name": name, "arguments": _loads_or_raw(inp.group(1))}))
+                end = self._input_end.search(text, inp.end(), segment_end)
+                raw = text[inp.end() : end.start() if end else segment_end]
+                call, err = _call_from_json(json.dumps({"name": name, "arguments": _loads_or_raw(raw)}))
                 out.calls.append(call) if call else out.errors.append(err or "invalid tool call")
         return out
 

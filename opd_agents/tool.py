@@ -3,7 +3,8 @@
 The signature and the Google-style docstring become a pydantic input model; that model validates the
 model's arguments and exports the OpenAI function schema the chat template shows. Every failure mode
 (unknown tool, bad arguments, exception, timeout, oversized output) becomes a ToolResult with an
-ErrorType instead of an exception, so a rollout never crashes on model output.
+ErrorType instead of an exception, so a rollout never crashes on model output. CPU-bound tools can run
+in a killable worker process (``isolation="process"``), so a runaway call cannot freeze the rollout.
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ import asyncio
 import atexit
 import copy
 import functools
+import importlib
 import inspect
+import multiprocessing
+import pickle
 import re
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any, TypeVar
+from multiprocessing.connection import Connection
+from typing import Any, Literal, TypeVar
 
 import pydantic
 from pydantic import BaseModel, Field
@@ -28,6 +35,8 @@ from opd_agents.types import ErrorType, ToolCall, ToolResult
 T = TypeVar("T")
 _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_\-]{0,63}$")
 MAX_ERROR_CHARS = 300
+WORKER_START_TIMEOUT_S = 60.0  # importing the tool's module in a fresh interpreter; not part of a call's timeout
+Isolation = Literal["thread", "process"]
 
 
 class StopEpisode(Exception):
@@ -78,7 +87,27 @@ def format_validation_error(err: pydantic.ValidationError, limit: int = MAX_ERRO
 
 
 class Tool:
-    """A callable tool with a pydantic input model. Create it with the ``@tool`` decorator."""
+    """A callable tool with a pydantic input model. Create it with the ``@tool`` decorator.
+
+    How a call runs, and what ``timeout_s`` can do about a call that does not end:
+
+    - ``async def``: on the event loop. The timeout cancels it at its next ``await``; use for I/O.
+    - plain ``def``, ``isolation="thread"`` (the default): in a worker thread (~0.3 ms per call in all).
+      On timeout the call gets a ``timeout`` result, but a thread cannot be killed: a call that never
+      returns keeps running (and burning a core) for the life of the process, and a pure-Python or C
+      loop that holds the GIL (a huge ``2**10**9``) can stall the whole process. Use for functions
+      that are fast or bounded by construction (the calculator bounds every operation), I/O-bound
+      functions, closures and methods.
+    - plain ``def``, ``isolation="process"``: in a persistent worker process (~0.5 ms per call; starting
+      a worker, once per concurrent caller and after every kill, takes about half a second, ~30 MB,
+      and is not counted in the timeout). On timeout the worker is SIGKILLed, the call gets a
+      ``timeout`` result and the next call starts a fresh worker. Use for CPU-bound code that may not
+      terminate. The function must be defined at module level (the worker imports it by name; closures, lambdas
+      and methods are refused here, with a ToolDefinitionError), its arguments are copied to the worker
+      and its result comes back as text, so it cannot share state with the caller. As with any
+      multiprocessing code, a script using such a tool needs the ``if __name__ == "__main__":`` guard
+      (workers start by forkserver or spawn, never fork, and import the main module).
+    """
 
     def __init__(
         self,
@@ -88,6 +117,7 @@ class Tool:
         description: str | None = None,
         timeout_s: float | None = 10.0,
         max_output_chars: int = 2000,
+        isolation: Isolation = "thread",
     ) -> None:
         self.fn = fn
         self.name = name or fn.__name__
@@ -98,6 +128,11 @@ class Tool:
         self.timeout_s = timeout_s
         self.max_output_chars = max_output_chars
         self.is_async = inspect.iscoroutinefunction(fn)
+        self.isolation = isolation
+        if isolation == "process":
+            _check_process_isolation(self.name, fn, self.is_async)
+        elif isolation != "thread":
+            raise ToolDefinitionError(f"tool {self.name!r}: isolation must be 'thread' or 'process', got {isolation!r}")
         self._bound_to: Any = None
         self.input_model = self._build_input_model(fn, arg_docs)
         functools.update_wrapper(self, fn)
@@ -161,9 +196,10 @@ class Tool:
         try:
             if self.is_async:
                 out = await asyncio.wait_for(self(**kwargs), timeout=self.timeout_s)
+            elif self.isolation == "process":
+                out = await _pool_of(self.fn).call(kwargs, self.timeout_s, self.max_output_chars)
             else:
-                # A sync tool runs in a worker thread; on timeout the thread is abandoned, so tools that
-                # must be *killed* (code execution) enforce their own limit in a subprocess.
+                # On timeout the thread is abandoned (see the class docstring; isolation="process" kills).
                 out = await asyncio.wait_for(asyncio.to_thread(self, **kwargs), timeout=self.timeout_s)
             text = out if isinstance(out, str) else str(out)  # inside the try: a broken __str__ is reported
         except (asyncio.TimeoutError, TimeoutError) as e:  # ours, or the tool's own (e.g. a killed subprocess)
@@ -197,11 +233,14 @@ def tool(
     description: str | None = None,
     timeout_s: float | None = 10.0,
     max_output_chars: int = 2000,
+    isolation: Isolation = "thread",
 ) -> Any:
-    """Decorator: ``@tool`` or ``@tool(name=..., timeout_s=...)`` on a function, async function or method."""
+    """Decorator: ``@tool`` or ``@tool(name=..., timeout_s=..., isolation="process")`` on a function, async
+    function or method (see ``Tool`` for which isolation to choose)."""
 
     def wrap(f: Callable[..., Any]) -> Tool:
-        return Tool(f, name=name, description=description, timeout_s=timeout_s, max_output_chars=max_output_chars)
+        return Tool(f, name=name, description=description, timeout_s=timeout_s,
+                    max_output_chars=max_output_chars, isolation=isolation)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -225,8 +264,15 @@ class ToolBox:
         return [t.schema() for t in self.tools.values()]
 
     async def aexecute(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
-        results = []
+        """One result per call, in order; calls after one that ended the episode are not executed."""
+        results: list[ToolResult] = []
         for call in calls:  # in order: later calls may depend on earlier side effects
+            if any(r.stop_episode for r in results):
+                results.append(ToolResult(
+                    call_id=call.id, name=call.name, error_type=ErrorType.not_executed,
+                    content="Not executed: an earlier call in this message ended the episode",
+                ))
+                continue
             t = self.tools.get(call.name)
             if t is None:
                 available = ", ".join(sorted(self.tools)) or "(none)"
@@ -235,14 +281,148 @@ class ToolBox:
                     content=f"Unknown tool {shorten(call.name, 60)!r}. Available tools: {available}",
                 ))
                 continue
-            res = await t.acall(call)
-            results.append(res)
-            if res.stop_episode:
-                break
+            results.append(await t.acall(call))
         return results
 
     def execute(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
         return run_sync(self.aexecute(calls))
+
+
+# ---- process isolation ---------------------------------------------------------------------------------
+def _check_process_isolation(name: str, fn: Callable[..., Any], is_async: bool) -> None:
+    """Refuse at definition time what a worker process could not import by name."""
+    problem = None
+    qualname = getattr(fn, "__qualname__", "")
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    if is_async:
+        problem = "an async function already yields to the event loop; process isolation is for plain functions"
+    elif not qualname.isidentifier():  # "<lambda>", "outer.<locals>.f", "Class.method"
+        problem = f"{qualname!r} is not a module-level function (closures, lambdas and methods cannot be imported)"
+    elif module is None or (module.__name__ == "__main__" and not getattr(module, "__file__", None)):
+        problem = f"module {fn.__module__!r} cannot be imported by a worker (interactive __main__?)"
+    if problem:
+        raise ToolDefinitionError(f"tool {name!r} with isolation='process': {problem}")
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    # Never fork: this process has threads (the tool loop, torch), and a forked child can deadlock.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
+def _portable(exc: Exception) -> Exception:
+    """The exception itself if it survives pickling, else a RuntimeError that keeps its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _worker_main(conn: Connection, module: str, qualname: str) -> None:
+    """Worker process: import the tool's function once, then run calls until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it ends the workers)
+    try:
+        fn = getattr(importlib.import_module(module), qualname)
+        fn = fn.fn if isinstance(fn, Tool) else fn  # @tool rebinds the module-level name to the Tool
+    except Exception as e:  # noqa: BLE001
+        conn.send(("error", _portable(e)))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            kwargs, limit = conn.recv()
+        except EOFError:  # the parent closed the pipe or died
+            return
+        try:
+            out = fn(**kwargs)
+            reply: tuple[str, Any] = ("ok", shorten(out if isinstance(out, str) else str(out), limit))
+        except Exception as e:  # noqa: BLE001 - reported as the thread mode would
+            reply = ("error", _portable(e))
+        conn.send(reply)
+
+
+class _Worker:
+    def __init__(self, module: str, qualname: str) -> None:
+        ctx = _mp_context()
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(child, module, qualname), daemon=True,
+                                   name=f"opd-tool-{qualname}")
+        self.process.start()
+        child.close()  # so the worker's death reads as EOF here
+        if not self.conn.poll(WORKER_START_TIMEOUT_S):
+            self.kill()
+            raise RuntimeError(f"the tool's worker process did not start within {WORKER_START_TIMEOUT_S:.0f}s")
+        kind, payload = self._receive()
+        if kind != "ready":
+            self.kill()
+            raise payload
+
+    def _receive(self) -> tuple[str, Any]:
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(1.0)
+            raise RuntimeError(f"the tool's worker process died (exit code {self.process.exitcode})") from None
+
+    async def call(self, kwargs: dict[str, Any], max_output_chars: int) -> tuple[str, Any]:
+        loop = asyncio.get_running_loop()
+        self.conn.send((kwargs, max_output_chars))
+        readable = loop.create_future()
+        # Wait on the pipe from the loop itself: no thread is held, so a killed call leaves nothing behind.
+        loop.add_reader(self.conn.fileno(), lambda: readable.done() or readable.set_result(None))
+        try:
+            await readable
+        finally:
+            loop.remove_reader(self.conn.fileno())
+        return self._receive()
+
+    def kill(self) -> None:
+        self.process.kill()  # SIGKILL: a call spinning in C or holding the GIL cannot ignore it
+        self.process.join(5.0)
+        self.conn.close()
+
+
+class _WorkerPool:
+    """Idle workers of one function; a call takes one (or starts one) and gives it back unless killed."""
+
+    def __init__(self, module: str, qualname: str) -> None:
+        self.module, self.qualname = module, qualname
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+
+    def _take(self) -> _Worker:
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.process.is_alive():
+                    return worker
+                worker.kill()  # reaps a worker that died between calls
+        return _Worker(self.module, self.qualname)
+
+    async def call(self, kwargs: dict[str, Any], timeout_s: float | None, max_output_chars: int) -> str:
+        worker = await asyncio.to_thread(self._take)  # a start-up is not part of the call's time budget
+        try:
+            kind, payload = await asyncio.wait_for(worker.call(kwargs, max_output_chars), timeout=timeout_s)
+        except BaseException:  # timeout, cancellation or a dead worker: never reuse one in an unknown state
+            worker.kill()
+            raise
+        with self._lock:
+            self._idle.append(worker)
+        if kind == "error":
+            raise payload  # the tool's own exception (StopEpisode, TimeoutError, ...), as in thread mode
+        return payload
+
+
+_POOLS: dict[tuple[str, str], _WorkerPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool_of(fn: Callable[..., Any]) -> _WorkerPool:
+    """One pool per function, shared by every copy of its Tool (ToolBox and method binding copy tools)."""
+    key = (fn.__module__, fn.__qualname__)
+    with _POOLS_LOCK:
+        return _POOLS.setdefault(key, _WorkerPool(*key))
 
 
 class _LoopThread:

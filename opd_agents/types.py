@@ -24,6 +24,8 @@ class ErrorType(str, Enum):
     validation_failed = "validation_failed"
     execution_failed = "execution_failed"
     timeout = "timeout"
+    max_tool_calls = "max_tool_calls"  # the call was over the episode's tool-call limit: not executed
+    not_executed = "not_executed"  # an earlier call in the same message ended the episode
 
 
 class StopReason(str, Enum):

@@ -76,6 +76,43 @@ def test_huge_results_are_refused_quickly(expression: str) -> None:
     assert time.perf_counter() - start < 1.0
 
 
+@pytest.mark.parametrize(("expression", "detail"), [
+    ("round(1, -10**9)", "|n| <= 100"),  # computed 10**(10**9) under the GIL: froze the process > 90 s
+    ("round(1, -10**7)", "|n| <= 100"),
+    ("round(10**100, 10**9)", "|n| <= 100"),
+    ("10**10**10", "too large"),
+    ("9**9**9", "too large"),
+    ("(-9)**9**9", "too large"),
+    ("1.5**10**10", "too large"),
+    ("0.5**-10**10", "too large"),
+    ("1 << 10**9", "not supported"),
+    ("1 >> 10**9", "not supported"),
+    ("10**10**10 % 7", "too large"),
+    ("(10**100 * 10**100) % 7", "too large"),
+    ("(10**100 + 10**100) // 3", "too large"),
+    ("sqrt(10**10**10)", "too large"),
+    ("abs(-(10**10**10))", "too large"),
+    ("max(" + ",".join(["9**9**9"] * 30) + ")", "too large"),
+    ("(" * 150 + "1" + ")" * 149, "invalid expression"),
+    ("-" * 299 + "1", None),  # deep but cheap: a value, not a crash
+    ("-max(" + ",".join(["1"] * 147) + ")", None),  # as many arguments as fit: cheap
+    ("2**" * 99 + "2", "too large"),
+])
+def test_costly_operations_are_refused_before_they_run(expression: str, detail: str | None) -> None:
+    start = time.perf_counter()
+    result = run(expression)
+    assert time.perf_counter() - start < 1.0  # microseconds in fact; the bound is for loaded CI machines
+    if detail is None:
+        assert result.ok and result.content == "-1"
+    else:
+        assert result.error_type is ErrorType.execution_failed and detail in result.content, result.content
+
+
+def test_round_digits_within_the_bound_still_work() -> None:
+    assert run("round(123456, -3)").content == "123000" and run("round(1.23456, 100)").content == "1.23456"
+    assert run("round(10**100, -100)").content == "1" + "0" * 100
+
+
 def test_overlong_expression_is_refused() -> None:
     result = run("+".join(["1"] * 200))
     assert result.error_type is ErrorType.execution_failed

@@ -266,9 +266,12 @@ def test_several_calls_in_order_valid_and_invalid() -> None:
 
 def test_stop_episode_ends_the_batch() -> None:
     box = ToolBox([add, finish])
-    results = box.execute([call("add", a=1), call("finish", answer="42"), call("add", a=2)])
-    assert len(results) == 2  # nothing runs after the stop
+    calls = [call("add", a=1), call("finish", answer="42"), call("add", a=2), call("nope")]
+    results = box.execute(calls)
+    assert [r.call_id for r in results] == [c.id for c in calls]  # every call has exactly one result
     assert results[1].stop_episode and results[1].ok and results[1].content == "final: 42"
+    assert [r.error_type for r in results[2:]] == [ErrorType.not_executed] * 2  # nothing runs after the stop
+    assert results[2].content == "Not executed: an earlier call in this message ended the episode"
 
 
 def test_fatal_exceptions_end_the_episode() -> None:
@@ -391,6 +394,35 @@ def test_react_multiline_input_stops_at_next_marker() -> None:
     text = 'Thought: t\nAction: add\nAction Input: {\n  "a": 1\n}\nObservation: 3\nAction: add\nAction Input: {"a": 2}'
     res = ReActParser().parse(text)
     assert [c.arguments for c in res.calls] == [{"a": 1}, {"a": 2}] and res.errors == []
+
+
+# Inputs that make a careless pattern rescan the text (blank runs after an opener, unterminated tags). The env
+# caps messages at 64k characters, but the parsers take any length, so their time must grow linearly.
+SCALING_INPUTS = {
+    "hermes": [lambda n: "<tool_call>" * (n // 11), lambda n: "<tool_call>" + " \n" * (n // 2) + "</tool_call>"],
+    "fenced_json": [lambda n: "```tool_call" + "\n" * n, lambda n: "```tool_call" + " " * n,
+                    lambda n: "x ```tool_call " * (n // 15)],
+    "react": [lambda n: "Action: add\nAction Input: x" + "\n" * n, lambda n: "Action: add\n" + " \n" * (n // 2),
+              lambda n: "Action: add\nAction Input: {" + " \t\n" * (n // 3)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALING_INPUTS))
+def test_parsers_are_linear_time(name: str) -> None:
+    parser = get_parser(name)
+
+    def seconds(n: int) -> float:  # best of 3 over all inputs: robust to a busy machine
+        texts = [make(n) for make in SCALING_INPUTS[name]]
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for text in texts:
+                assert parser.parse(text).calls == []
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    small, large = seconds(1_000_000), seconds(4_000_000)
+    assert large < 2.0 and large / max(small, 1e-3) < 8  # quadratic would be 16x; it was minutes on 20k lines
 
 
 def test_stop_strings() -> None:

@@ -1,7 +1,9 @@
 """The ``calculator`` tool: exact arithmetic through a whitelisting ``ast`` walker (never ``eval``).
 
-Integers stay exact (``/`` of divisible ints gives an int); every intermediate result is bounded, so an
-expression like ``9**9**9`` is refused instead of freezing the worker thread.
+Integers stay exact (``/`` of divisible ints gives an int). Every operation's cost is bounded *before* it
+runs: operands are at most 1e100 (checked after every step), powers are size-checked from logarithms and
+``round`` digits are limited, so ``9**9**9`` or ``round(1, -10**9)`` is refused in microseconds instead of
+freezing the process (a big-int power holds the GIL, so no timeout can interrupt it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from opd_agents.tool import tool
 
 MAX_EXPRESSION_CHARS = 300
 MAX_ABS_RESULT = 10**100
+MAX_ROUND_DIGITS = 100  # round(1, -n) computes 10**n: unbounded n would freeze like a huge power
 SIGNIFICANT_DIGITS = 10
 
 Number = int | float
@@ -65,6 +68,7 @@ def _eval(node: ast.AST) -> Number:
         value = _eval(node.operand)
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.BinOp):
+        # Both operands are <= 1e100 here, so + - * // % cost microseconds; only ** needs a check first.
         left, right = _eval(node.left), _eval(node.right)
         if isinstance(node.op, ast.Div):
             return _check(_divide(left, right))
@@ -82,8 +86,11 @@ def _eval(node: ast.AST) -> Number:
             allowed = ", ".join(_FUNCTIONS)
             raise ValueError(f"only these functions can be called (with positional arguments): {allowed}")
         args = [_eval(a) for a in node.args]
-        if name == "round" and len(args) == 2 and not isinstance(args[1], int):
-            raise ValueError("round(x, n) needs an integer n")
+        if name == "round" and len(args) == 2:
+            if not isinstance(args[1], int):
+                raise ValueError("round(x, n) needs an integer n")
+            if abs(args[1]) > MAX_ROUND_DIGITS:
+                raise ValueError(f"round(x, n) needs |n| <= {MAX_ROUND_DIGITS}")
         return _check(_FUNCTIONS[name](*args))
     if isinstance(node, ast.Tuple):
         raise ValueError("write numbers without thousands separators (1234, not 1,234)")
