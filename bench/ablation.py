@@ -37,13 +37,13 @@ VARIANTS: dict[str, list[str]] = {
 
 def prepare(out: Path) -> dict[str, Any]:
     """Build the teacher if missing and evaluate the start student once; returns {'before': ...}."""
-    from opd_agents.components import pick_device
+    from opd_agents.training.components import pick_device
     from opd_agents.config import load_config
-    from opd_agents.evaluation import Evaluator
+    from opd_agents.training.evaluation import Evaluator
     from opd_agents.models import load_model
-    from opd_agents.registry import make_env
-    from opd_agents.renderer import ChatMLRenderer
-    from opd_agents.sft import build_sft_teacher
+    from opd_agents.env.registry import make_env
+    from opd_agents.rollout.renderer import ChatMLRenderer
+    from opd_agents.teacher.sft import build_sft_teacher
 
     cfg = load_config(CONFIG)
     cfg = cfg.model_copy(update={"run_dir": str(out / "start-eval")})  # where the evaluator writes its episodes
@@ -83,7 +83,7 @@ SCORED = "eval_trajectories.scored.jsonl"
 def score_heldout(run_dirs: list[Path], teacher_dir: Path) -> None:
     """Teacher logprobs on each run's final held-out episodes (once: runs already scored are skipped; the
     teacher is loaded only if some run needs it)."""
-    from opd_agents.export import rescore_file
+    from opd_agents.analysis.export import rescore_file
     from opd_agents.teacher import TeacherConfig, make_teacher
 
     todo = [d for d in run_dirs if not (d / SCORED).exists()]

@@ -18,7 +18,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from opd_agents.divergence import divergence_table, turn_divergence
+from opd_agents.training.divergence import divergence_table, turn_divergence
 from opd_agents.store import iter_trajectories
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from opd_agents.config import parse_config
-from opd_agents.trainer import Trainer
+from opd_agents.training.trainer import Trainer
 
 
 def naive_rescoring_tokens(traj: dict[str, Any]) -> int:

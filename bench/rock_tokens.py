@@ -4,7 +4,7 @@
 
 The probe is the run's first training batch (teacher logprobs stored with it); every model in turn -- the
 run's start student, then each checkpoint -- re-reads it, exactly as `divergence.rock_tokens: track` does
-step by step inside training (opd_agents/rock_tokens.py). With N models and rock_min_steps = N a rock
+step by step inside training (opd_agents/training/rock_tokens.py). With N models and rock_min_steps = N a rock
 token is high (loss above the quantile) at every checkpoint. Prints the share of probe tokens that are
 rock tokens, their share of the loss, and the most frequent rock tokens.
 """
@@ -16,9 +16,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from opd_agents.divergence import DivergencePolicyConfig
+from opd_agents.training.divergence import DivergencePolicyConfig
 from opd_agents.models import load_model
-from opd_agents.rock_tokens import RockTokenMonitor
+from opd_agents.training.rock_tokens import RockTokenMonitor
 from opd_agents.store import iter_trajectories
 
 

@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from opd_agents.env import EnvLimits, Task, ToolEnv
+from opd_agents.env.core import EnvLimits, Task, ToolEnv
 from opd_agents.errors import ConfigError
-from opd_agents.parsers import ToolCallParser
-from opd_agents.tool import Tool
+from opd_agents.env.parsers import ToolCallParser
+from opd_agents.env.tool import Tool
 from opd_agents.types import Message
 from tools.calculator import calculator, evaluate, format_number
 

@@ -15,10 +15,10 @@ from typing import Any, ClassVar, get_args
 import numpy as np
 
 from environments.arithmetic import Draw, expert_answer, expert_turn, grade_number, is_plain_number, tool_outputs
-from opd_agents.env import EnvLimits, Task, ToolEnv
+from opd_agents.env.core import EnvLimits, Task, ToolEnv
 from opd_agents.errors import ConfigError
-from opd_agents.parsers import ToolCallParser
-from opd_agents.tool import Tool
+from opd_agents.env.parsers import ToolCallParser
+from opd_agents.env.tool import Tool
 from opd_agents.types import Message
 from tools.python_exec import SandboxMode, make_python_tool, require_sandbox
 

@@ -20,8 +20,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from opd_agents.env import Task, ToolEnv
-from opd_agents.tool import Tool
+from opd_agents.env.core import Task, ToolEnv
+from opd_agents.env.tool import Tool
 from opd_agents.types import Message
 from tools.docs import Document, DocumentIndex, load_corpus
 

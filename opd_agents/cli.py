@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from opd_agents.env import HELDOUT_SEED_START
+from opd_agents.env.core import HELDOUT_SEED_START
 from opd_agents.errors import OpdError
-from opd_agents.registry import SHIPPED_ENVS, make_env
+from opd_agents.env.registry import SHIPPED_ENVS, make_env
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm must not fetch its cost map
 
@@ -66,8 +66,8 @@ def rollout(
         "--env-arg", help="env constructor argument key=value (YAML value), e.g. --env-arg difficulty=1")] = None,
 ) -> None:
     """Play N episodes, write trajectories, print success rate and stop reasons."""
-    from opd_agents.expert import play_expert
-    from opd_agents.stats import summarize
+    from opd_agents.env.expert import play_expert
+    from opd_agents.analysis.stats import summarize
     from opd_agents.store import TrajectoryWriter
 
     if split not in ("train", "heldout"):
@@ -81,10 +81,10 @@ def rollout(
             trajs = play_expert(lambda: make_env(env, **env_kwargs).unwrapped, seeds, env_id=env)
         else:
             from opd_agents.models import load_model
-            from opd_agents.parsers import get_parser
-            from opd_agents.renderer import ChatMLRenderer
-            from opd_agents.rollout import Rollout
-            from opd_agents.sampler import HFSampler
+            from opd_agents.env.parsers import get_parser
+            from opd_agents.rollout.renderer import ChatMLRenderer
+            from opd_agents.rollout.runner import Rollout
+            from opd_agents.rollout.sampler import HFSampler
             from opd_agents.types import SamplingParams
 
             lm, tok = load_model(model)
@@ -125,7 +125,7 @@ def train(
 ) -> None:
     """Distil a teacher into the student on a tool environment (on-policy by default)."""
     from opd_agents.config import load_config
-    from opd_agents.trainer import Trainer
+    from opd_agents.training.trainer import Trainer
 
     t0 = time.perf_counter()
     try:
@@ -185,8 +185,8 @@ def replay(
     tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer dir (default: built-in smollm2)")] = None,
 ) -> None:
     """Replay stored trajectories turn by turn (streams the file; filters combine with AND)."""
-    from opd_agents.analysis import TrajectoryFilter, iter_filtered
-    from opd_agents.replay import replay as show
+    from opd_agents.analysis.trajectories import TrajectoryFilter, iter_filtered
+    from opd_agents.analysis.replay import replay as show
 
     flt = TrajectoryFilter(env=env, min_reward=min_reward, max_reward=max_reward,
                            stop_reasons=_stop_reasons(stop_reason), has_tool_error=has_tool_error,
@@ -212,8 +212,8 @@ def report(
     """Write one self-contained HTML report (no network, no external files) of a training run."""
     import subprocess
 
-    from opd_agents.report import screenshot as take_screenshot
-    from opd_agents.report import write_report
+    from opd_agents.analysis.report import screenshot as take_screenshot
+    from opd_agents.analysis.report import write_report
 
     try:
         path = write_report(run_dir, out, trajectories=trajectories, tokenizer=tokenizer)
@@ -239,7 +239,7 @@ def score(
     """Re-score stored trajectories with another teacher, without re-running the environment."""
     from pydantic import ValidationError
 
-    from opd_agents.export import check_distinct, rescore_file
+    from opd_agents.analysis.export import check_distinct, rescore_file
     from opd_agents.teacher import TeacherConfig, make_teacher
 
     t0 = time.perf_counter()
@@ -251,7 +251,7 @@ def score(
         student_tok = None
         if student:
             from opd_agents.models import check_model
-            from opd_agents.preflight import student_tokenizer
+            from opd_agents.training.preflight import student_tokenizer
 
             check_model(student)
             student_tok = student_tokenizer(student)
@@ -270,7 +270,7 @@ def export(
     level: Annotated[str, typer.Option(help="trajectory (row per episode) | turn (row per turn)")] = "trajectory",
 ) -> None:
     """Export trajectories (streamed) to Parquet or a Hugging Face dataset (save_to_disk)."""
-    from opd_agents.export import export_hf, export_parquet
+    from opd_agents.analysis.export import export_hf, export_parquet
 
     if format_ not in ("parquet", "hf"):
         fail(ValueError(f"--format must be 'parquet' or 'hf', got {format_!r}"))

@@ -22,7 +22,7 @@ from typing import Any
 import pydantic
 
 from opd_agents.errors import TrajectoryFileError
-from opd_agents.tool import format_validation_error, shorten
+from opd_agents.env.tool import format_validation_error, shorten
 from opd_agents.types import SCHEMA_VERSION, Trajectory
 
 MIN_SCHEMA_VERSION = 1

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from opd_agents.analysis import (
+from opd_agents.analysis.trajectories import (
     TrajectoryFilter, iter_filtered, iter_turns, ratio_rgb, to_pandas, trajectory_record,
 )
 from opd_agents import cli
 from opd_agents.cli import app
-from opd_agents.export import SCHEMAS, export_hf, export_parquet
-from opd_agents.replay import TokenDecoder, token_text
+from opd_agents.analysis.export import SCHEMAS, export_hf, export_parquet
+from opd_agents.analysis.replay import TokenDecoder, token_text
 from opd_agents.store import ReadIssue, read_trajectories, write_trajectories
 from opd_agents.types import ErrorType, Message, StopReason, ToolCall, ToolResult, Trajectory, Turn
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from opd_agents.tool import ToolBox
+from opd_agents.env.tool import ToolBox
 from opd_agents.types import ErrorType, ToolCall, ToolResult
 from tools.calculator import calculator, evaluate, format_number
 

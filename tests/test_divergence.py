@@ -1,4 +1,4 @@
-"""Hand-computed values of opd_agents.divergence: telemetry, SOD, truncation policies, rock tokens."""
+"""Hand-computed values of opd_agents.training.divergence: telemetry, SOD, truncation policies, rock tokens."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 from pydantic import ValidationError
 
-from opd_agents.divergence import (
+from opd_agents.training.divergence import (
     DivergencePolicyConfig,
     annotate_turns,
     apply_policies,

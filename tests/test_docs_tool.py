@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from environments.retrieval_qa import CORPUS_PATH
-from opd_agents.tool import ToolBox
+from opd_agents.env.tool import ToolBox
 from opd_agents.types import ErrorType, ToolCall, ToolResult
 from tools.docs import MAX_K, Document, DocumentIndex, load_corpus
 

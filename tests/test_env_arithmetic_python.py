@@ -13,7 +13,7 @@ import opd_agents  # noqa: F401 - registers the opd_agents/ envs
 from environments.arithmetic import ArithmeticEnv, extract_number, grade_number
 from environments.python_math import TEMPLATES as PYTHON_TEMPLATES
 from environments.python_math import PythonMathEnv
-from opd_agents.env import ToolEnv, heldout_seeds
+from opd_agents.env.core import ToolEnv, heldout_seeds
 from opd_agents.errors import ConfigError, EnvOrderError
 from opd_agents.types import ErrorType, StopReason
 

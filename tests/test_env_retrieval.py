@@ -11,8 +11,8 @@ from gymnasium.utils.env_checker import check_env
 
 import opd_agents  # noqa: F401 - registers the shipped envs
 from environments.retrieval_qa import CORPUS_PATH, RetrievalQAEnv, extract_answer, load_world, normalize
-from opd_agents.env import heldout_seeds
-from opd_agents.parsers import PARSERS
+from opd_agents.env.core import heldout_seeds
+from opd_agents.env.parsers import PARSERS
 from opd_agents.types import StopReason
 
 TRAIN_SEEDS = list(range(200))

@@ -1,4 +1,4 @@
-"""Closed-form values, conventions and gradient directions of opd_agents.losses (pure torch, fast)."""
+"""Closed-form values, conventions and gradient directions of opd_agents.training.losses (pure torch, fast)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from opd_agents.losses import (
+from opd_agents.training.losses import (
     LossOutput,
     forward_kl_loss,
     generalized_jsd_loss,

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from opd_agents.cli import app
 from opd_agents.config import parse_config
 from opd_agents.errors import ConfigError, ModelLoadError, UnknownEnvError
-from opd_agents.preflight import check_env, check_teacher_settings, preflight
+from opd_agents.training.preflight import check_env, check_teacher_settings, preflight
 
 
 def run_config(tmp_path: Path, model: Path, **overrides: Any) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def train_refuses(tmp_path: Path, cfg: dict[str, Any], monkeypatch: pytest.Monke
     def no_model_load(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the student model was loaded before the preflight refused the run")
 
-    monkeypatch.setattr("opd_agents.trainer.load_student", no_model_load)
+    monkeypatch.setattr("opd_agents.training.trainer.load_student", no_model_load)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     start = time.perf_counter()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from opd_agents.tool import Tool, ToolBox
+from opd_agents.env.tool import Tool, ToolBox
 from opd_agents.types import ErrorType, ToolCall, ToolResult
 from tools.python_exec import BOOT_FILE, SANDBOX_BOOT, make_python_tool, python
 

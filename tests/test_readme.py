@@ -36,7 +36,7 @@ def test_define_your_own_environment_example_runs(tmp_path: Path, monkeypatch: A
 
 
 def test_analysis_api_example_runs(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from opd_agents.divergence import annotate_turns
+    from opd_agents.training.divergence import annotate_turns
     from opd_agents.store import write_trajectories
     from opd_agents.teacher import HFTeacher
     from opd_agents.types import ErrorType, ToolResult

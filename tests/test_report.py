@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from opd_agents.cli import app
-from opd_agents.report import build_report, find_chromium, run_chromium, screenshot, write_report
+from opd_agents.analysis.report import build_report, find_chromium, run_chromium, screenshot, write_report
 from opd_agents.store import write_trajectories
 from opd_agents.types import StopReason
 from tests.test_analysis import make_traj, make_turn, sample_trajs

@@ -19,9 +19,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from opd_agents.checkpoint import ResumeError, latest_checkpoint, rewind_run_dir, save_checkpoint, sync_logs
+from opd_agents.training.checkpoint import ResumeError, latest_checkpoint, rewind_run_dir, save_checkpoint, sync_logs
 from opd_agents.config import parse_config
-from opd_agents.trainer import RUN_LOGS, Trainer, step_seeds
+from opd_agents.training.trainer import RUN_LOGS, Trainer, step_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd_agents.divergence import DivergencePolicyConfig
+from opd_agents.training.divergence import DivergencePolicyConfig
 from opd_agents.models import build_tiny_model
-from opd_agents.rock_tokens import RockTokenMonitor, RockTokenTracker
-from opd_agents.trainer import Trainer
+from opd_agents.training.rock_tokens import RockTokenMonitor, RockTokenTracker
+from opd_agents.training.trainer import Trainer
 from tests.test_trainer import tiny_cfg
 
 

@@ -10,11 +10,11 @@ import torch
 
 from opd_agents import EnvLimits, Task, ToolEnv, tool
 from opd_agents.models import load_model
-from opd_agents.parsers import ParsedTurn, ToolCallParser
-from opd_agents.renderer import ChatMLRenderer
-from opd_agents.rollout import Rollout
-from opd_agents.sampler import HFSampler
-from opd_agents.training_view import TrainingView
+from opd_agents.env.parsers import ParsedTurn, ToolCallParser
+from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.runner import Rollout
+from opd_agents.rollout.sampler import HFSampler
+from opd_agents.training.view import TrainingView
 from opd_agents.types import SamplingParams, StopReason, ToolCall, Trajectory
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from opd_agents.errors import ConfigError, SandboxUnavailableError
-from opd_agents.registry import make_env
-from opd_agents.tool import ToolBox
+from opd_agents.env.registry import make_env
+from opd_agents.env.tool import ToolBox
 from opd_agents.types import ErrorType, ToolCall
 from tests.sandbox_attacks import ATTEMPTS, SECRET, Target, code_for
 from tools import python_exec

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from opd_agents.registry import make_env
-from opd_agents.sft import build_sft_teacher
+from opd_agents.env.registry import make_env
+from opd_agents.teacher.sft import build_sft_teacher
 
 ENV = "opd_agents/Arithmetic-v0"
 

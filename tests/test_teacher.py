@@ -20,14 +20,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from opd_agents.env import Task, ToolEnv
+from opd_agents.env.core import Task, ToolEnv
 from opd_agents.errors import TeacherError, TeacherUnreachableError, TokenizerMismatchError
-from opd_agents.expert import play_expert
+from opd_agents.env.expert import play_expert
 from opd_agents.models import load_model
-from opd_agents.parsers import get_parser
-from opd_agents.renderer import ChatMLRenderer
-from opd_agents.rollout import Rollout
-from opd_agents.sampler import HFSampler
+from opd_agents.env.parsers import get_parser
+from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.runner import Rollout
+from opd_agents.rollout.sampler import HFSampler
 from opd_agents.teacher import (
     HFTeacher,
     ServerTeacher,
@@ -37,7 +37,7 @@ from opd_agents.teacher import (
     check_same_tokenizer,
     make_teacher,
 )
-from opd_agents.tool import Tool, tool
+from opd_agents.env.tool import Tool, tool
 from opd_agents.types import SamplingParams, Trajectory
 
 

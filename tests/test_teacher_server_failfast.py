@@ -19,11 +19,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from opd_agents.config import parse_config
 from opd_agents.errors import TeacherModelNotServedError, TeacherUnreachableError, TokenizerMismatchError
-from opd_agents.expert import play_expert
-from opd_agents.parsers import get_parser
-from opd_agents.preflight import preflight
-from opd_agents.registry import make_env
-from opd_agents.renderer import ChatMLRenderer
+from opd_agents.env.expert import play_expert
+from opd_agents.env.parsers import get_parser
+from opd_agents.training.preflight import preflight
+from opd_agents.env.registry import make_env
+from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.teacher import ServerTeacher
 from opd_agents.teacher.base import PROBE_TEXT
 from opd_agents.types import Trajectory

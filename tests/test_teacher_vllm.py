@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 
 from opd_agents.errors import TeacherModelNotServedError
-from opd_agents.expert import play_expert
+from opd_agents.env.expert import play_expert
 from opd_agents.models import build_tiny_model, load_model
-from opd_agents.parsers import get_parser
-from opd_agents.renderer import ChatMLRenderer
-from opd_agents.rollout import Rollout
-from opd_agents.sampler import HFSampler
+from opd_agents.env.parsers import get_parser
+from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.runner import Rollout
+from opd_agents.rollout.sampler import HFSampler
 from opd_agents.teacher import HFTeacher, ServerTeacher, TeacherScores, wait_for_server
 from opd_agents.types import SamplingParams, Trajectory
 from tests.test_teacher import LookupEnv, reference_of

@@ -9,8 +9,8 @@ from typing import Literal
 import pytest
 
 from opd_agents.errors import ToolDefinitionError
-from opd_agents.parsers import PARSERS, FencedJsonParser, HermesParser, ReActParser, ToolCallParser, get_parser
-from opd_agents.tool import StopEpisode, Tool, ToolBox, tool
+from opd_agents.env.parsers import PARSERS, FencedJsonParser, HermesParser, ReActParser, ToolCallParser, get_parser
+from opd_agents.env.tool import StopEpisode, Tool, ToolBox, tool
 from opd_agents.types import ErrorType, ToolCall, ToolResult
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from opd_agents import StopEpisode, Task, ToolEnv, tool
 from opd_agents.errors import ToolDefinitionError
-from opd_agents.tool import Tool, ToolBox
+from opd_agents.env.tool import Tool, ToolBox
 from opd_agents.types import ErrorType, ToolCall, ToolResult
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from opd_agents.checkpoint import latest_checkpoint
+from opd_agents.training.checkpoint import latest_checkpoint
 from opd_agents.cli import app
 from opd_agents.config import load_config, parse_config
 from opd_agents.errors import ConfigError
 from opd_agents.models import build_tiny_model
-from opd_agents.trainer import TeacherTooWeakError, Trainer, step_seeds
+from opd_agents.training.trainer import TeacherTooWeakError, Trainer, step_seeds
 from tests.test_rollout import EchoEnv
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opd_agents.training_view import TrainingView, collate, token_logprobs
+from opd_agents.training.view import TrainingView, collate, token_logprobs
 from opd_agents.types import Trajectory, Turn
 
 

@@ -13,7 +13,7 @@ import math
 import operator
 from collections.abc import Callable
 
-from opd_agents.tool import tool
+from opd_agents.env.tool import tool
 
 MAX_EXPRESSION_CHARS = 300
 MAX_ABS_RESULT = 10**100

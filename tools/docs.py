@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, ValidationError
 from pydantic_core import core_schema
 
-from opd_agents.tool import Tool, tool
+from opd_agents.env.tool import Tool, tool
 
 MAX_K = 10
 SNIPPET_CHARS = 80

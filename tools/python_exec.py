@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 from opd_agents.errors import SandboxUnavailableError
-from opd_agents.tool import Tool
+from opd_agents.env.tool import Tool
 
 SandboxMode = Literal["os", "unsafe"]
 BOOT_FILE = str(Path(__file__).with_name("sandbox_boot.py").resolve())

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from opd_agents.models import resolve_model
-from opd_agents.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.teacher.base import (
     PrivilegedFn,
     Teacher,

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from opd_agents.errors import TokenizerMismatchError
-from opd_agents.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.types import Message, Trajectory
 
 # Extra context only the teacher sees (e.g. the task's reference solution), appended to its system message.

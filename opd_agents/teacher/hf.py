@@ -18,7 +18,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd_agents.models import load_model
-from opd_agents.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.teacher.base import PrivilegedFn, Teacher, TeacherScores, TeacherSequence
 from opd_agents.types import Trajectory
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from opd_agents.sampler import KVBatch
+from opd_agents.rollout.sampler import KVBatch
 from opd_agents.types import Trajectory
 
 

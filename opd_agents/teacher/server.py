@@ -34,7 +34,7 @@ from opd_agents.errors import (
     TeacherUnreachableError,
     TokenizerMismatchError,
 )
-from opd_agents.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.teacher.base import (
     PROBE_TEXT,
     PrivilegedFn,

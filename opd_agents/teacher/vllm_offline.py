@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from opd_agents.errors import TeacherError
-from opd_agents.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.teacher.base import PrivilegedFn, Teacher, TeacherScores, parse_prompt_logprobs
 from opd_agents.types import Trajectory
 

@@ -2,7 +2,7 @@
 
 ``reset`` returns the opening messages, ``step(assistant_text)`` parses tool calls, runs the tools and
 returns the observation messages. Token budgets (per turn, total, context) belong to the token adapter
-(`opd_agents.rollout`); this layer enforces the message-level limits: turns, tool calls, parse errors.
+(`opd_agents.rollout.runner`); this layer enforces the message-level limits: turns, tool calls, parse errors.
 A subclass only provides ``tools``, ``generate_task``, ``grade`` and (optionally) ``expert_action``.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd_agents.errors import EnvOrderError
-from opd_agents.parsers import ParsedTurn, ToolCallParser, get_parser
-from opd_agents.tool import Tool, ToolBox
+from opd_agents.env.parsers import ParsedTurn, ToolCallParser, get_parser
+from opd_agents.env.tool import Tool, ToolBox
 from opd_agents.types import ErrorType, Message, StopReason, ToolResult
 
 HELDOUT_SEED_START = 1_000_000  # seeds >= this are held-out tasks; below are training tasks

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from opd_agents.env import ToolEnv
-from opd_agents.registry import make_env
-from opd_agents.renderer import ChatMLRenderer
-from opd_agents.sampler import HFSampler, TurnSample
+from opd_agents.env.core import ToolEnv
+from opd_agents.env.registry import make_env
+from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.sampler import HFSampler, TurnSample
 from opd_agents.types import Message, SamplingParams, StopReason, Trajectory, Turn
 
 if TYPE_CHECKING:

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opd_agents.analysis import RATIO_SCALE, log_ratios, max_divergence, ratio_rgb, turn_divergence
-from opd_agents.divergence import divergence_table
-from opd_agents.replay import TokenDecoder
+from opd_agents.analysis.trajectories import RATIO_SCALE, log_ratios, max_divergence, ratio_rgb, turn_divergence
+from opd_agents.training.divergence import divergence_table
+from opd_agents.analysis.replay import TokenDecoder
 from opd_agents.store import ReadIssue, iter_trajectories
-from opd_agents.tool import shorten
+from opd_agents.env.tool import shorten
 from opd_agents.types import Trajectory
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

@@ -15,8 +15,8 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.text import Text
 
-from opd_agents.analysis import RATIO_SCALE, log_ratios, ratio_rgb, turn_divergence
-from opd_agents.tool import shorten
+from opd_agents.analysis.trajectories import RATIO_SCALE, log_ratios, ratio_rgb, turn_divergence
+from opd_agents.env.tool import shorten
 from opd_agents.types import Trajectory, Turn
 
 TOOL_RESULT_CHARS = 300

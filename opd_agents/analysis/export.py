@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opd_agents.analysis import Level, TrajectoryFilter, iter_filtered, iter_records
+from opd_agents.analysis.trajectories import Level, TrajectoryFilter, iter_filtered, iter_records
 from opd_agents.store import ReadIssue, write_trajectories
 from opd_agents.types import Trajectory
 
@@ -143,7 +143,7 @@ def rescore(trajs: Iterable[Trajectory], teacher: Teacher, *, batch_size: int = 
     recomputed per-turn telemetry (d_k, reverse KL; top-k mass and entropy with ``top_k``). A d_k left
     from the old teacher never survives: ``annotate_turns`` recomputes it. Turn weights are left as they
     were (they come from the training run's divergence policy)."""
-    from opd_agents.divergence import annotate_turns  # imports torch; plain exports do not need it
+    from opd_agents.training.divergence import annotate_turns  # imports torch; plain exports do not need it
 
     it = iter(trajs)
     while chunk := list(islice(it, batch_size)):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from opd_agents.divergence import turn_divergence
+from opd_agents.training.divergence import turn_divergence
 from opd_agents.store import ReadIssue, iter_trajectories
 from opd_agents.types import Trajectory, Turn
 

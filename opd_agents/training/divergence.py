@@ -18,7 +18,7 @@ Policies (``DivergencePolicyConfig``; every option at its default is plain OPD, 
   turns get 1. Optionally renormalised so the kept turns' token-weighted sum stays the token count.
   ``turn.weight`` = loss-time weight x SOD weight (they compose by multiplication).
 - rollout-time truncation: see ``rollout_stop_reason``.
-- rock tokens: see ``opd_agents.rock_tokens``.
+- rock tokens: see ``opd_agents.training.rock_tokens``.
 
 Policies read ``turn.divergence`` when set, else compute d_k from the turn's logprobs, so they work
 whether or not ``annotate_turns`` ran first.
@@ -51,7 +51,7 @@ class DivergencePolicyConfig(BaseModel):
     sod_delta: float = Field(0.2, ge=0.0, description="SOD weights are capped at 1 + delta")
     sod_renormalize: bool = Field(False, description="rescale SOD weights so sum_k w_k n_k = sum_k n_k")
     rock_tokens: RockMode = Field("off", description="track: rock/* metrics on a fixed probe; mask/downweight "
-                                                       "also scale rock token ids in the loss (opd_agents.rock_tokens)")
+                                                       "also scale rock token ids in the loss (opd_agents.training.rock_tokens)")
     rock_quantile: float = Field(0.9, gt=0.0, lt=1.0, description="a token is 'high' above this loss quantile")
     rock_min_steps: int = Field(3, ge=1, description="consecutive high steps that make a rock token")
     rock_weight: float = Field(0.1, ge=0.0, le=1.0, description="multiplier of rock tokens in 'downweight'")

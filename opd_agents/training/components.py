@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd_agents.config import RunConfig
-from opd_agents.env import ToolEnv
+from opd_agents.env.core import ToolEnv
 from opd_agents.models import load_model
-from opd_agents.renderer import ChatMLRenderer
-from opd_agents.sft import build_sft_teacher
+from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.teacher.sft import build_sft_teacher
 from opd_agents.teacher import PrivilegedFn, Teacher, make_teacher
 from opd_agents.types import Trajectory
 

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from opd_agents.config import EnvConfig, RunConfig
 from opd_agents.errors import ConfigError, OpdError
 from opd_agents.models import check_model, tokenizer_dir
-from opd_agents.registry import make_env, resolve_env_id
+from opd_agents.env.registry import make_env, resolve_env_id
 from opd_agents.teacher import ServerTeacher, make_teacher
 
 

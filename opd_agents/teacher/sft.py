@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opd_agents.env import ToolEnv
-from opd_agents.expert import play_expert
+from opd_agents.env.core import ToolEnv
+from opd_agents.env.expert import play_expert
 from opd_agents.models import load_model
-from opd_agents.parsers import ToolCallParser
-from opd_agents.policy import assistant_batch, cross_entropy
-from opd_agents.renderer import ChatMLRenderer
-from opd_agents.training_view import TrainingView
+from opd_agents.env.parsers import ToolCallParser
+from opd_agents.training.policy import assistant_batch, cross_entropy
+from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.training.view import TrainingView
 from opd_agents.types import Trajectory
 
 

@@ -20,30 +20,30 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import get_scheduler
 
-from opd_agents.checkpoint import (
+from opd_agents.training.checkpoint import (
     latest_checkpoint, load_trainer_state, rewind_run_dir, save_checkpoint, set_rng_state, sync_logs,
 )
 from opd_agents.config import RunConfig
 from opd_agents.errors import OpdError
-from opd_agents.divergence import annotate_turns, apply_policies, rollout_stop_reason, step_divergence_metrics
-from opd_agents.evaluation import Evaluator, MetricsLog
-from opd_agents.losses import (
+from opd_agents.training.divergence import annotate_turns, apply_policies, rollout_stop_reason, step_divergence_metrics
+from opd_agents.training.evaluation import Evaluator, MetricsLog
+from opd_agents.training.losses import (
     LossOutput, forward_kl_loss, generalized_jsd_loss, grpo_advantages, reverse_kl_pg_loss,
     topk_forward_kl_loss, topk_generalized_jsd_loss,
 )
 from opd_agents.models import load_model
-from opd_agents.policy import AssistantBatch, assistant_batch, cross_entropy, pad_rows
-from opd_agents.preflight import preflight
-from opd_agents.registry import make_env
-from opd_agents.renderer import ChatMLRenderer
-from opd_agents.rock_tokens import RockTokenMonitor
-from opd_agents.rollout import Rollout
-from opd_agents.sampler import HFSampler
-from opd_agents.components import build_teacher, load_student, load_weights, pick_device, privileged_reference
+from opd_agents.training.policy import AssistantBatch, assistant_batch, cross_entropy, pad_rows
+from opd_agents.training.preflight import preflight
+from opd_agents.env.registry import make_env
+from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.training.rock_tokens import RockTokenMonitor
+from opd_agents.rollout.runner import Rollout
+from opd_agents.rollout.sampler import HFSampler
+from opd_agents.training.components import build_teacher, load_student, load_weights, pick_device, privileged_reference
 from opd_agents.store import TrajectoryWriter
 from opd_agents.teacher import TeacherScores, apply_scores
 from opd_agents.teacher.online import OnlineTeacher
-from opd_agents.training_view import TrainingView
+from opd_agents.training.view import TrainingView
 from opd_agents.types import SamplingParams, Trajectory
 
 

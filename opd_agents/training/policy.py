@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from opd_agents.training_view import TrainingView, collate
+from opd_agents.training.view import TrainingView, collate
 
 
 @dataclass

@@ -11,17 +11,17 @@ import torch
 from transformers import PreTrainedModel
 
 from opd_agents.config import RunConfig
-from opd_agents.env import ToolEnv, heldout_seeds
+from opd_agents.env.core import ToolEnv, heldout_seeds
 from opd_agents.errors import OpdError
-from opd_agents.expert import play_expert
-from opd_agents.policy import assistant_batch
-from opd_agents.renderer import ChatMLRenderer
-from opd_agents.rollout import Rollout
-from opd_agents.sampler import HFSampler
-from opd_agents.stats import summarize
+from opd_agents.env.expert import play_expert
+from opd_agents.training.policy import assistant_batch
+from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.runner import Rollout
+from opd_agents.rollout.sampler import HFSampler
+from opd_agents.analysis.stats import summarize
 from opd_agents.store import TrajectoryWriter
 from opd_agents.teacher import PrivilegedFn, Teacher, TeacherView
-from opd_agents.training_view import TrainingView
+from opd_agents.training.view import TrainingView
 from opd_agents.types import SamplingParams, Trajectory
 
 EVAL_KEYS = ("success_rate", "mean_reward", "tool_error_rate", "mean_turns")

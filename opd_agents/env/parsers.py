@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from opd_agents.tool import shorten
+from opd_agents.env.tool import shorten
 from opd_agents.types import ToolCall
 
 

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from opd_agents.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import ChatMLRenderer
 
 Finish = Literal["stop", "tool_call", "length"]
 _STOP_TAIL_TOKENS = 8  # how many trailing tokens are decoded to look for a stop string

@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from opd_agents.parsers import ToolCallParser
+from opd_agents.env.parsers import ToolCallParser
 from opd_agents.types import Message
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from opd_agents.env import ToolEnv
-from opd_agents.renderer import ChatMLRenderer
-from opd_agents.rollout import open_trajectory, record_step
+from opd_agents.env.core import ToolEnv
+from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.runner import open_trajectory, record_step
 from opd_agents.types import Message, Trajectory, Turn
 
 

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from opd_agents.divergence import DivergencePolicyConfig, RockMode
-from opd_agents.policy import assistant_batch
-from opd_agents.training_view import TrainingView
+from opd_agents.training.divergence import DivergencePolicyConfig, RockMode
+from opd_agents.training.policy import assistant_batch
+from opd_agents.training.view import TrainingView
 from opd_agents.types import Trajectory
 
 

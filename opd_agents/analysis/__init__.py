@@ -1,0 +1,1 @@
+"""Stage 7: streaming analysis, terminal replay, HTML report, exports of trajectory files."""
