@@ -41,6 +41,15 @@ class StopReason(str, Enum):
     tool_stop = "tool_stop"
 
 
+class TurnOutcome(str, Enum):
+    """What an env says one assistant turn did to the task (envs that can tell: a planner, a walkthrough).
+    The divergence telemetry takes the first non-``ok`` turn as the first failing turn."""
+
+    ok = "ok"  # valid, and still on a shortest path to the goal
+    invalid = "invalid"  # the env refused the action (not admissible in this state)
+    off_plan = "off_plan"  # valid, but the goal got further away (the remaining plan grew)
+
+
 Role = Literal["system", "user", "assistant", "tool"]
 
 
@@ -107,6 +116,7 @@ class Turn(BaseModel):
     divergence: float | None = None  # d_k: mean |log pi_S - log pi_T| over the turn's tokens
     weight: float = 1.0
     metrics: dict[str, float] = Field(default_factory=dict)
+    outcome: TurnOutcome | None = None  # from the env's step info["turn_outcome"], when the env can tell
 
     @property
     def tool_error_types(self) -> list[ErrorType]:

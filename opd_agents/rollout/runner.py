@@ -64,6 +64,7 @@ def open_trajectory(env: ToolEnv, seed: int, env_id: str, model_id: str,
 def record_step(traj: Trajectory, turn: Turn, reward: float, info: dict[str, Any]) -> None:
     """Store what ``env.step`` returned for ``turn``: its tool calls/results, the reward and its parts."""
     turn.tool_calls, turn.tool_results = info.get("tool_calls", []), info.get("tool_results", [])
+    turn.outcome = info.get("turn_outcome")
     traj.reward += float(reward)
     for k, v in info.get("reward_parts", {}).items():
         traj.reward_parts[k] = traj.reward_parts.get(k, 0.0) + float(v)
