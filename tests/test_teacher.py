@@ -4,13 +4,10 @@ servers (a fake vLLM backed by the same tiny model, plus failing ones)."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,6 +35,7 @@ from opd_agents.teacher import (
     make_teacher,
 )
 from opd_agents.env.tool import Tool, tool
+from tests.loopback_http import json_server
 from opd_agents.types import SamplingParams, Trajectory
 
 
@@ -314,36 +312,14 @@ def fake_server(tiny: Any) -> Iterator[tuple[FakeVLLM, str]]:
     POST /tokenize (with the tiny model's tokenizer)."""
     fake = FakeVLLM(tiny[0])
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server naming
-            self.answer(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+    def tokenize(req: dict[str, Any]) -> tuple[int, Any]:
+        ids = tiny[1].encode(req["prompt"], add_special_tokens=req.get("add_special_tokens", True))
+        return 200, {"count": len(ids), "max_model_len": 2048, "tokens": ids}
 
-        def do_POST(self) -> None:  # noqa: N802 - http.server naming
-            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if self.path == "/tokenize":
-                ids = tiny[1].encode(req["prompt"], add_special_tokens=req.get("add_special_tokens", True))
-                self.answer(200, {"count": len(ids), "max_model_len": 2048, "tokens": ids})
-            else:
-                self.answer(*fake.handle(req))
-
-        def answer(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True  # a handler still sleeping at teardown must not block the test process
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield fake, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    routes = {"GET /v1/models": lambda _: (200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]}),
+              "POST /tokenize": tokenize, "POST /v1/completions": fake.handle}
+    with json_server(routes) as api_base:
+        yield fake, api_base
 
 
 def server_teacher(api_base: str, **kw: Any) -> ServerTeacher:

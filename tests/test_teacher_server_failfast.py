@@ -5,12 +5,10 @@ port, and stdlib HTTP servers shaped like vLLM's routes; nothing in the HTTP lay
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +25,7 @@ from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.teacher import ServerTeacher
 from opd_agents.teacher.base import PROBE_TEXT
 from opd_agents.types import Trajectory
-
-Route = Callable[[dict[str, Any]], tuple[int, Any]]
-
+from tests.loopback_http import Route, json_server
 
 @pytest.fixture(scope="module")
 def tok(smollm2_tokenizer_dir: Path) -> PreTrainedTokenizerBase:
@@ -63,39 +59,6 @@ def closed_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-
-
-@contextlib.contextmanager
-def http_server(routes: dict[str, Route]) -> Iterator[str]:
-    """A real HTTP server answering ``"METHOD /path"`` routes with (status, JSON); anything else is a 404."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server naming
-            self.route({})
-
-        def do_POST(self) -> None:  # noqa: N802 - http.server naming
-            self.route(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-
-        def route(self, body: dict[str, Any]) -> None:
-            handler = routes.get(f"{self.command} {self.path}")
-            status, payload = handler(body) if handler else (404, {"detail": "Not Found"})
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def models(*names: str) -> Route:
@@ -132,7 +95,7 @@ def test_a_closed_port_fails_at_once(closed_port: str) -> None:
 
 
 def test_a_model_that_is_not_served_is_named_with_the_served_ones() -> None:
-    with (http_server({"GET /v1/models": models("qwen3-8b", "llama-70b")}) as api_base,
+    with (json_server({"GET /v1/models": models("qwen3-8b", "llama-70b")}) as api_base,
           pytest.raises(TeacherModelNotServedError) as err):
         ServerTeacher("tiny", api_base).check()
     msg = str(err.value)
@@ -141,9 +104,9 @@ def test_a_model_that_is_not_served_is_named_with_the_served_ones() -> None:
 
 def test_the_servers_tokenizer_must_be_the_students(tok: PreTrainedTokenizerBase) -> None:
     ours = tok.encode(PROBE_TEXT, add_special_tokens=False)
-    with http_server({"GET /v1/models": models("tiny"), "POST /tokenize": tokenize_with(tok)}) as api_base:
+    with json_server({"GET /v1/models": models("tiny"), "POST /tokenize": tokenize_with(tok)}) as api_base:
         ServerTeacher("openai/tiny", api_base).check(tok)  # same ids: passes
-    with (http_server({"GET /v1/models": models("tiny"), "POST /tokenize": tokenize_with(tok, shift=7)}) as api_base,
+    with (json_server({"GET /v1/models": models("tiny"), "POST /tokenize": tokenize_with(tok, shift=7)}) as api_base,
           pytest.raises(TokenizerMismatchError) as err):
         ServerTeacher("tiny", api_base).check(tok)
     msg = str(err.value)
@@ -152,7 +115,7 @@ def test_the_servers_tokenizer_must_be_the_students(tok: PreTrainedTokenizerBase
 
 
 def test_a_server_without_tokenize_gets_a_warning(tok: PreTrainedTokenizerBase) -> None:
-    with (http_server({"GET /v1/models": models("tiny")}) as api_base,
+    with (json_server({"GET /v1/models": models("tiny")}) as api_base,
           pytest.warns(UserWarning, match="tokenize answered 404.*cannot be checked")):
         ServerTeacher("tiny", api_base).check(tok)
 
