@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from opd_agents.training.divergence import DivergencePolicyConfig
+from opd_agents.training.policies import DivergencePolicyConfig
 from opd_agents.env.core import EnvLimits
 from opd_agents.errors import ConfigError
 from opd_agents.teacher.base import TeacherConfig

@@ -1,4 +1,5 @@
-"""Hand-computed values of opd_agents.training.divergence: telemetry, SOD, truncation policies, rock tokens."""
+"""Hand-computed values of the divergence telemetry and of the ported policies (SOD, truncation), through the
+legacy config keys."""
 
 from __future__ import annotations
 
@@ -8,19 +9,27 @@ from collections.abc import Sequence
 import pytest
 from pydantic import ValidationError
 
-from opd_agents.training.divergence import (
-    DivergencePolicyConfig,
-    annotate_turns,
-    apply_policies,
-    divergence_table,
-    loss_time_weights,
-    rollout_stop_reason,
-    sod_weights,
-    step_divergence_metrics,
-)
-from opd_agents.types import ErrorType, StopReason, ToolResult, Trajectory, Turn
+from opd_agents.training.divergence import annotate_turns, divergence_table, first_failing_turn, step_divergence_metrics
+from opd_agents.training.policies import DivergencePolicyConfig
+from opd_agents.training.policies.sod import sod_weights
+from opd_agents.types import ErrorType, StopReason, ToolResult, Trajectory, Turn, TurnOutcome
 
 E = ErrorType
+
+
+# The pre-registry entry points, expressed with the policies built from the (translated) legacy keys: the
+# values below are the ones the old implementation was tested with.
+def apply_policies(traj: Trajectory, cfg: DivergencePolicyConfig) -> None:
+    cfg.build().apply(traj, 1.0)
+
+
+def loss_time_weights(traj: Trajectory, cfg: DivergencePolicyConfig) -> list[float]:
+    truncation = [p for p in cfg.build().loss if p.name == "loss_truncation"]
+    return truncation[0].weights(traj, 1.0).turn if truncation else [1.0] * len(traj.turns)
+
+
+def rollout_stop_reason(traj: Trajectory, cfg: DivergencePolicyConfig) -> StopReason | None:
+    return cfg.build().should_stop(traj)
 
 
 def make_turn(index: int, sampling: Sequence[float], teacher: Sequence[float] | None = None,
@@ -237,3 +246,61 @@ def test_rollout_stops_when_divergence_exceeds_tau() -> None:
     both[1].divergence = 0.5
     assert first_stop(both, cfg) == (2, StopReason.parse_error)
     assert first_stop([make_turn(0, [-1.0], None)], cfg) is None  # unscored turn never stops
+
+
+# ---- first failing turn: Turn.outcome first ----------------------------------------------------------
+def test_first_failing_turn_uses_outcome_when_present() -> None:
+    traj = traj_with_divs([0.1, 0.2, 0.3, 0.4], error_at=0)
+    assert first_failing_turn(traj) == 0  # no outcome anywhere: the first tool error
+    for t, o in zip(traj.turns, [TurnOutcome.ok, TurnOutcome.ok, TurnOutcome.off_plan, TurnOutcome.ok], strict=True):
+        t.outcome = o
+    assert first_failing_turn(traj) == 2  # outcomes reported: they decide, the tool error is ignored
+    annotate_turns(traj)
+    assert traj.metrics["first_error_turn"] == 2.0
+    m = step_divergence_metrics([traj])
+    assert m["div/d_error_turn"] == pytest.approx(0.3) and m["div/d_before_error"] == pytest.approx(0.15)
+    for t in traj.turns:
+        t.outcome = TurnOutcome.ok
+    assert first_failing_turn(traj) is None
+
+
+# ---- equivalence with the implementation before the registry ---------------------------------------
+def _old_apply(traj: Trajectory, loss_truncation: str, tau: float, sod: bool, delta: float,
+               renorm: bool) -> list[float]:
+    """The pre-registry apply_policies, verbatim in substance (reference for the port)."""
+    from opd_agents.training.divergence import turn_divergence
+
+    turns = traj.turns
+    if loss_truncation == "first_error":
+        stop = next((i for i, t in enumerate(turns) if t.tool_error_types), None)
+    elif loss_truncation == "threshold":
+        stop = next((i for i, t in enumerate(turns) if (d := turn_divergence(t)) is not None and d > tau), None)
+    else:
+        stop = None
+    keep = [1.0 if stop is None or i <= stop else 0.0 for i in range(len(turns))]
+    w = [1.0] * len(turns)
+    if sod:
+        w = sod_weights([turn_divergence(t) for t in turns], 1e-6, delta)
+        if renorm:
+            tokens = [len(t.token_ids) * k for t, k in zip(turns, keep, strict=True)]
+            weighted = sum(x * n for x, n in zip(w, tokens, strict=True))
+            if weighted > 0:
+                w = [x * sum(tokens) / weighted for x in w]
+    return [k * x for k, x in zip(keep, w, strict=True)]
+
+
+def test_ported_policies_equal_the_old_implementation_exactly() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 6)
+        divs = [None if rng.random() < 0.15 else rng.uniform(0.0, 3.0) for _ in range(n)]
+        tokens = [rng.randint(0, 5) for _ in range(n)]
+        traj = traj_with_divs(divs, error_at=rng.choice([None, *range(n)]), tokens=tokens)
+        for trunc in ("none", "first_error", "threshold"):
+            for sod, renorm in ((False, False), (True, False), (True, True), (False, True)):
+                cfg = DivergencePolicyConfig(loss_truncation=trunc, tau=1.2, sod=sod, sod_delta=0.3,
+                                             sod_renormalize=renorm)
+                apply_policies(traj, cfg)
+                assert [t.weight for t in traj.turns] == _old_apply(traj, trunc, 1.2, sod, 0.3, renorm)

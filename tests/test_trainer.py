@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,32 @@ def test_online_teacher_logits_replace_the_post_rollout_pass(tmp_path: Path, tin
     assert plain["teacher_tokens"] > 0 and plain["teacher_tokens_rollout"] == 0
     assert online["teacher_tokens"] == 0 and online["teacher_tokens_rollout"] > 0
     assert online["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "forward_kl"])  # top-k from the scores / from the logits rows
+def test_composed_policies_act_in_a_real_run(tmp_path: Path, tiny_model_dir: Path, smollm2_tokenizer_dir: Path,
+                                             loss: str) -> None:
+    """A list of registry policies in one run: the trainer supplies top-k to topk_drift (teacher's from its
+    pass, student's from a no-grad pass) and progress to horizon; every policy's metrics show it acted."""
+    other_teacher = build_tiny_model(tmp_path / "teacher", smollm2_tokenizer_dir, seed=1)
+    if "opd_agents_test/Echo-v0" not in gym.registry:
+        gym.register("opd_agents_test/Echo-v0", entry_point=EchoEnv, disable_env_checker=True)
+    policies = [{"name": "iw_opd", "gamma": 0.5},
+                {"name": "topk_drift", "k": 4, "min_overlap": 1.0, "span": 1, "decay": 0.5, "floor": 0.01},
+                {"name": "horizon", "start_turns": 1}, {"name": "change_point", "min_drop": 0.01},
+                {"name": "rollout_truncation", "on": "invalid_calls", "max_invalid_calls": 5}]
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, **{
+        "divergence.policies": policies, "loss.kind": loss, "train.steps": 2, "teacher.model": str(other_teacher),
+        "env.id": "opd_agents_test/Echo-v0", "env.kwargs": {}, "env.limits.max_turns": 3,
+        "env.limits.max_tokens_per_turn": 16, "max_tokens_per_turn": 16})
+    trainer = Trainer(cfg)
+    trainer.train(until_step=1)  # progress 1/2: horizon keeps 1 + floor(0.5 * 3) = 2 of 3 turns
+    row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["step"] == 1 and math.isfinite(row["loss"])
+    assert row["div/policy/iw_opd/mean_weight"] > 1.0
+    assert 0.0 < row["div/policy/topk_drift/mean_weight"] < 1.0  # two unrelated tiny models: top-4 sets differ
+    assert row["div/policy/horizon/zero_share"] > 0.0
+    assert "div/policy/change_point/zero_share" in row and "div/policy/rollout_truncation/stop_share" in row
+    trajs = [json.loads(line) for line in (tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()]
+    three = [t for t in trajs if len(t["turns"]) == 3]
+    assert three and all(t["turns"][2]["weight"] == 0.0 for t in three)

@@ -52,8 +52,7 @@ def check_teacher_settings(cfg: RunConfig) -> None:
     refused = {
         f"loss.kind={loss.kind} with loss.top_k=0 needs full-vocabulary teacher logits (teacher.backend=hf, "
         f"or set loss.top_k > 0)": loss.kind != "reverse_kl" and loss.top_k == 0,
-        f"divergence.rollout_truncation={cfg.divergence.rollout_truncation} scores each turn as it is sampled "
-        f"(teacher.backend=hf)": cfg.divergence.rollout_truncation in ("threshold", "both"),
+        **{what: True for what in cfg.divergence.build().unsupplied(backend)},  # policies' teacher signals
         "train.off_policy_source=teacher with train.on_policy_fraction < 1 lets the teacher play episodes "
         "(teacher.backend=hf)": train.on_policy_fraction < 1 and train.off_policy_source == "teacher",
         "train.teacher_rollouts_per_task > 1 lets the teacher play episodes (teacher.backend=hf)":

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from opd_agents.training.divergence import DivergencePolicyConfig, RockMode
+from opd_agents.training.policies import DivergencePolicyConfig, RockMode
 from opd_agents.training.policy import assistant_batch
 from opd_agents.training.view import TrainingView
 from opd_agents.types import Trajectory

@@ -25,13 +25,14 @@ from opd_agents.training.checkpoint import (
 )
 from opd_agents.config import RunConfig
 from opd_agents.errors import OpdError
-from opd_agents.training.divergence import annotate_turns, apply_policies, rollout_stop_reason, step_divergence_metrics
+from opd_agents.training.divergence import annotate_turns, step_divergence_metrics
 from opd_agents.training.evaluation import Evaluator, MetricsLog
 from opd_agents.training.losses import (
     LossOutput, forward_kl_loss, generalized_jsd_loss, grpo_advantages, reverse_kl_pg_loss,
     topk_forward_kl_loss, topk_generalized_jsd_loss,
 )
 from opd_agents.models import load_model
+from opd_agents.training.policies import Signals
 from opd_agents.training.policy import AssistantBatch, assistant_batch, cross_entropy, pad_rows
 from opd_agents.training.preflight import preflight
 from opd_agents.env.registry import make_env
@@ -87,7 +88,8 @@ class Trainer:
         self.privileged = privileged_reference(self.env_factory) if cfg.teacher.privileged else None
         self.teacher = build_teacher(cfg, self.env_factory, self.tokenizer, self.renderer, self.privileged,
                                      self.device, self.console)
-        self._setup_rollout_truncation()
+        self.policies = cfg.divergence.build()
+        self._setup_rollout_policies()
         self.rock = (RockTokenMonitor(cfg.divergence, self.pad_id, cfg.train.micro_batch_size)
                      if cfg.divergence.rock_tokens != "off" else None)
         self.evaluator = Evaluator(cfg, self.env_factory, self.renderer, self.privileged)
@@ -98,18 +100,18 @@ class Trainer:
         self.start_step = 0
         self.summary: dict[str, Any] = {}
         self._teacher_rows: dict[str, torch.Tensor] = {}  # this step's full teacher logits per trajectory
+        self._token_factors: dict[str, list[float]] = {}  # this step's per-token policy factors per trajectory
 
-    def _setup_rollout_truncation(self) -> None:
-        """Rollout-time truncation: stop episodes after m invalid calls and/or when a turn's d_k > tau
-        (the latter scores every turn as it is sampled, with the teacher's KV cache reused)."""
-        dcfg = self.cfg.divergence
-        if dcfg.rollout_truncation == "none":
+    def _setup_rollout_policies(self) -> None:
+        """Rollout-time policies end episodes from the rollout's turn hook; those that read the teacher
+        (d_k) get every turn scored as it is sampled, with the teacher's KV cache reused."""
+        if not self.policies.rollout:
             return
-        self.rollout.turn_hook = lambda traj, turn: rollout_stop_reason(traj, dcfg)
-        if dcfg.rollout_truncation in ("threshold", "both"):
+        self.rollout.turn_hook = lambda traj, turn: self.policies.should_stop(traj)
+        if self.policies.needs("rollout") != "none":
             model = getattr(self.teacher, "model", None)
             if model is None:
-                raise OpdError("divergence.rollout_truncation on d_k needs an in-process (hf) teacher")
+                raise OpdError("a rollout-time divergence policy on d_k needs an in-process (hf) teacher")
             # Full-vocabulary losses take the online pass's logits too: the teacher reads each token once.
             self.rollout.online_teacher = OnlineTeacher(model, self.pad_id, self.teacher.view.prompt_ids,
                                                         keep_logits=self._uses_full_teacher_logits(on_policy=True))
@@ -224,10 +226,13 @@ class Trainer:
         scores, teacher_tokens = self._teacher_signal(trajs, on_policy, online)
         topk = {t.id: s for t, s in zip(trajs, scores, strict=False)} if cfg.loss.top_k else {}
         t_div = time.perf_counter()
+        signals = self._policy_signals(trajs, scores)
         for t, s in zip(trajs, scores or [None] * len(trajs), strict=True):
             annotate_turns(t, s.topk_logprobs if s is not None else None)
-            apply_policies(t, cfg.divergence)
-        div_metrics = step_divergence_metrics(trajs)
+            factors = self.policies.apply(t, step / tc.steps, signals.get(t.id))
+            if factors is not None:
+                self._token_factors[t.id] = factors
+        div_metrics = step_divergence_metrics(trajs) | self.policies.step_metrics(len(trajs))
         t_telemetry = time.perf_counter()
         rock_metrics = self.rock.observe(self.student, trajs if on_policy else []) if self.rock else {}
         t_rock = time.perf_counter()
@@ -251,7 +256,7 @@ class Trainer:
             total_loss += out.loss.item() * share
             for k, v in out.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v * share
-        self._teacher_rows = {}
+        self._teacher_rows, self._token_factors = {}, {}
         aux_loss = self._aux_loss(aux) if aux else 0.0
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), tc.max_grad_norm)
         self.optimizer.step()
@@ -281,10 +286,12 @@ class Trainer:
         logits rows. Sources, cheapest first: the online teacher (it scored every turn during the rollout,
         keeping full logits when the loss needs them); else one full-logits pass (the loss's
         distributions and the sampled-token logprobs at once); else sampled-token (or top-k) scoring.
-        Returns the per-trajectory scores (top-k lists for top-k losses; [] otherwise) and the teacher
-        tokens read after the rollout."""
+        Returns the per-trajectory scores (top-k lists for top-k losses and for policies that read the
+        teacher's top-k, as wide as the widest of them; [] otherwise) and the teacher tokens read after
+        the rollout."""
+        top_k = max(self.cfg.loss.top_k, self.policies.top_k)
         online_rows = online.take_logits() if online is not None and online.keep_logits else {}
-        scored_online = online is not None and self.cfg.loss.top_k == 0 and all(
+        scored_online = online is not None and top_k == 0 and all(
             turn.teacher_logprobs is not None for t in trajs for turn in t.turns)
         if self._uses_full_teacher_logits(on_policy):
             if scored_online and all(t.id in online_rows for t in trajs):
@@ -293,7 +300,7 @@ class Trainer:
             return [], self._full_teacher_pass(trajs)
         if not self._needs_scores(on_policy) or scored_online:
             return [], 0
-        scores = self.teacher.score_and_apply(trajs, top_k=self.cfg.loss.top_k)
+        scores = self.teacher.score_and_apply(trajs, top_k=top_k)
         return scores, sum(s.tokens_processed for s in scores)
 
     def _uses_full_teacher_logits(self, on_policy: bool) -> bool:
@@ -318,6 +325,29 @@ class Trainer:
             processed += len(seq.input_ids)
         return processed
 
+    def _policy_signals(self, trajs: list[Trajectory], scores: list[TeacherScores]) -> dict[str, Signals]:
+        """Top-k ids for policies that compare the teacher's and the student's top-k sets: the teacher's
+        from its scores or, on the full-logits path, from the logits rows (free); the student's from one
+        no-grad pass of the current student (the one that sampled, before this step's update)."""
+        k = self.policies.top_k
+        if not k:
+            return {}
+        teacher = {t.id: s.topk_ids for t, s in zip(trajs, scores, strict=False) if s.topk_ids is not None}
+        for t in trajs:
+            if t.id in self._teacher_rows:
+                teacher[t.id] = _split_turns(t, self._teacher_rows[t.id].topk(k, dim=-1).indices.tolist())
+        student: dict[str, list[list[list[int]]]] = {}
+        with torch.no_grad():
+            for start in range(0, len(trajs), self.cfg.train.micro_batch_size):
+                micro = [t for t in trajs[start : start + self.cfg.train.micro_batch_size] if t.num_assistant_tokens]
+                if not micro:
+                    continue
+                batch = assistant_batch(self.student, [TrainingView.from_trajectory(t) for t in micro], self.pad_id)
+                ids = batch.logits.topk(k, dim=-1).indices.tolist()
+                for row, t in enumerate(micro):
+                    student[t.id] = _split_turns(t, ids[row][: t.num_assistant_tokens])
+        return {t.id: Signals(teacher.get(t.id), student.get(t.id)) for t in trajs}
+
     def _needs_scores(self, on_policy: bool) -> bool:
         """Sampled-token teacher logprobs: the PG loss and telemetry; top-k losses need the top-k lists."""
         return on_policy or self.cfg.loss.top_k > 0
@@ -332,6 +362,11 @@ class Trainer:
                     topk: dict[str, Any]) -> LossOutput:
         lc = self.cfg.loss
         batch = assistant_batch(self.student, [TrainingView.from_trajectory(t) for t in micro], self.pad_id)
+        factors = [self._token_factors.get(t.id) for t in micro]
+        if any(f is not None for f in factors):  # token-level policies (iw_opd, topk_drift)
+            rows = [torch.tensor(f if f is not None else [1.0] * t.num_assistant_tokens, dtype=torch.float32)
+                    for f, t in zip(factors, micro, strict=True)]
+            batch.weights = batch.weights * pad_rows(rows, batch.weights.shape[1]).to(batch.weights.device)
         if self.rock is not None:
             batch.weights = batch.weights * self.rock.token_weights(batch.targets)
         batch.mask = batch.mask * (batch.weights > 0)  # turns a truncation policy dropped carry no loss
@@ -368,10 +403,11 @@ class Trainer:
     def _topk_tensors(self, micro: list[Trajectory], topk: dict[str, Any], batch: AssistantBatch,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         ids_rows, lp_rows = [], []
+        k = self.cfg.loss.top_k  # the scores may be wider when a policy reads a wider top-k
         for t in micro:
             s = topk[t.id]
-            ids_rows.append(torch.tensor([x for turn in s.topk_ids for x in turn], dtype=torch.long))
-            lp_rows.append(torch.tensor([x for turn in s.topk_logprobs for x in turn], dtype=torch.float32))
+            ids_rows.append(torch.tensor([pos[:k] for turn in s.topk_ids for pos in turn], dtype=torch.long))
+            lp_rows.append(torch.tensor([pos[:k] for turn in s.topk_logprobs for pos in turn], dtype=torch.float32))
         width = batch.logits.shape[1]
         dev = batch.logits.device
         return pad_rows(ids_rows, width, 0).to(dev), pad_rows(lp_rows, width, -1e4).to(dev)
@@ -383,3 +419,12 @@ class Trainer:
         loss = cross_entropy(batch)
         (loss * weight).backward()
         return loss.item()
+
+
+def _split_turns(traj: Trajectory, flat: list[Any]) -> list[Any]:
+    """Cut a per-assistant-token list into per-turn lists."""
+    out, start = [], 0
+    for turn in traj.turns:
+        out.append(flat[start : start + len(turn.token_ids)])
+        start += len(turn.token_ids)
+    return out
