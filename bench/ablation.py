@@ -27,11 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "ablation.yaml"
 VARIANTS: dict[str, list[str]] = {
     "plain": [],
-    "loss-trunc": ["divergence.loss_truncation=first_error"],
+    "loss-trunc": ["divergence.policies=[{name: loss_truncation, mode: first_error}]"],
     # tau from the START student's greedy turns against the teacher (before any run): on-track turns
     # d_k <= 0.8, the turn where it leaves the expert's plan >= 1.2
-    "rollout-trunc": ["divergence.rollout_truncation=both", "divergence.max_invalid_calls=2", "divergence.tau=1.5"],
-    "sod": ["divergence.sod=true"],
+    "rollout-trunc": ["divergence.policies=[{name: rollout_truncation, mode: both, max_invalid_calls: 2, tau: 1.5}]"],
+    "sod": ["divergence.policies=[{name: sod}]"],
 }
 
 

@@ -116,7 +116,7 @@ def test_policies_compose_by_multiplying_and_report_metrics() -> None:
 
 
 def test_any_rollout_policy_stops_and_is_counted() -> None:
-    policies = build({"name": "rollout_truncation", "on": "invalid_calls", "max_invalid_calls": 1}, {"name": "sod"})
+    policies = build({"name": "rollout_truncation", "mode": "invalid_calls", "max_invalid_calls": 1}, {"name": "sod"})
     traj = make_traj([make_turn(0, [-1.0], errors=[ErrorType.tool_not_found])])
     assert policies.should_stop(traj) == StopReason.divergence
     assert policies.step_metrics(2) == {"div/policy/rollout_truncation/stop_share": 0.5}
@@ -125,7 +125,7 @@ def test_any_rollout_policy_stops_and_is_counted() -> None:
 
 def test_renormalize_covers_token_factors() -> None:
     traj = make_traj([make_turn(0, [-1.0, -1.0], [-2.0, -1.0]), make_turn(1, [-1.0, -1.0], [-1.0, -3.0])])
-    policies = build({"name": "iw_opd"}, {"name": "loss_truncation", "on": "threshold", "tau": 0.4}, renormalize=True)
+    policies = build({"name": "iw_opd"}, {"name": "loss_truncation", "mode": "threshold", "tau": 0.4}, renormalize=True)
     factors = policies.apply(traj, 1.0)
     assert factors is not None
     total = sum(t.weight * f for t, row in zip(traj.turns, [factors[:2], factors[2:]], strict=True) for f in row)
@@ -162,9 +162,9 @@ def test_legacy_keys_translate_to_the_list() -> None:
            "rollout_truncation": "both", "max_invalid_calls": 3, "rock_tokens": "track"}
     assert translate_legacy(old) == {
         "rock_tokens": "track", "renormalize": True,
-        "policies": [{"name": "loss_truncation", "on": "threshold", "tau": 1.5},
+        "policies": [{"name": "loss_truncation", "mode": "threshold", "tau": 1.5},
                      {"name": "sod", "delta": 0.3, "eps": 1e-6},
-                     {"name": "rollout_truncation", "on": "both", "max_invalid_calls": 3, "tau": 1.5}]}
+                     {"name": "rollout_truncation", "mode": "both", "max_invalid_calls": 3, "tau": 1.5}]}
     assert translate_legacy({"sod_renormalize": True}) == {"policies": []}  # renormalize only came with SOD
     cfg = parse_config({"divergence": {"policies": ["horizon"], "loss_truncation": "first_error"}})
     assert [p["name"] for p in cfg.divergence.policies] == ["horizon", "loss_truncation"]
@@ -175,9 +175,19 @@ def test_backends_that_cannot_supply_a_policy_are_refused() -> None:
     from opd_agents.training.preflight import check_teacher_settings
 
     server = {"backend": "server", "model": "m", "api_base": "http://127.0.0.1:1/v1"}
-    threshold = {"policies": [{"name": "rollout_truncation", "on": "threshold"}]}
+    threshold = {"policies": [{"name": "rollout_truncation", "mode": "threshold"}]}
     cfg = parse_config({"teacher": server, "divergence": threshold})
     with pytest.raises(ConfigError, match="divergence.rollout_truncation=threshold scores each turn"):
         check_teacher_settings(cfg)
-    ok = {"policies": [{"name": "rollout_truncation", "on": "invalid_calls"}, "topk_drift", "change_point"]}
+    ok = {"policies": [{"name": "rollout_truncation", "mode": "invalid_calls"}, "topk_drift", "change_point"]}
     check_teacher_settings(parse_config({"teacher": server, "divergence": ok}))  # top-k: every backend serves it
+
+
+def test_migrated_shipped_config_equals_its_legacy_form() -> None:
+    from pathlib import Path
+
+    from opd_agents.config import load_config
+
+    shipped = load_config(Path(__file__).resolve().parents[1] / "configs" / "gpu-8b-teacher-server.yaml").divergence
+    legacy = {"loss_truncation": "first_error", "sod": True, "sod_delta": 0.2, "rock_tokens": "track"}
+    assert shipped == parse_config({"divergence": legacy}).divergence

@@ -226,7 +226,7 @@ def test_composed_policies_act_in_a_real_run(tmp_path: Path, tiny_model_dir: Pat
     policies = [{"name": "iw_opd", "gamma": 0.5},
                 {"name": "topk_drift", "k": 4, "min_overlap": 1.0, "span": 1, "decay": 0.5, "floor": 0.01},
                 {"name": "horizon", "start_turns": 1}, {"name": "change_point", "min_drop": 0.01},
-                {"name": "rollout_truncation", "on": "invalid_calls", "max_invalid_calls": 5}]
+                {"name": "rollout_truncation", "mode": "invalid_calls", "max_invalid_calls": 5}]
     cfg = tiny_cfg(tmp_path, tiny_model_dir, **{
         "divergence.policies": policies, "loss.kind": loss, "train.steps": 2, "teacher.model": str(other_teacher),
         "env.id": "opd_agents_test/Echo-v0", "env.kwargs": {}, "env.limits.max_turns": 3,

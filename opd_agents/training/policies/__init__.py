@@ -2,14 +2,14 @@
 
 | name | acts at | needs | what |
 |---|---|---|---|
-| loss_truncation | loss | none / logprobs (on=threshold) | zero the turns after the first failing turn / d_k > tau |
+| loss_truncation | loss | none / logprobs (mode=threshold) | zero the turns after the first failing turn / d_k > tau |
 | sod | loss | logprobs | SOD turn weights min((d_1+eps)/(d_k+eps), 1+delta) |
 | iw_opd | loss | logprobs | token weights 1 + gamma (1 - prefix discrepancy share) |
 | topk_drift | loss | topk | decay then truncate after the top-k sets stop overlapping for a span |
 | change_point | loss | logprobs | truncate after the drop of the per-turn teacher margin |
 | horizon | loss | none | train the first n(step / steps) turns, growing to all |
 | off_plan | loss | none | zero the turns after the first non-ok Turn.outcome (else first tool error) |
-| rollout_truncation | rollout | none / logprobs (on=threshold, both) | end the episode at m invalid calls / d_k > tau |
+| rollout_truncation | rollout | none / logprobs (mode=threshold, both) | end the episode at m invalid calls / d_k > tau |
 """
 
 from opd_agents.training.policies import (  # noqa: F401  (each file registers its policy)

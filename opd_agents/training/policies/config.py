@@ -27,13 +27,13 @@ def translate_legacy(data: dict[str, Any]) -> dict[str, Any]:
     out = {k: x for k, x in data.items() if k not in LEGACY_KEYS}
     added: list[dict[str, Any]] = []
     if v["loss_truncation"] != "none":
-        added.append({"name": "loss_truncation", "on": v["loss_truncation"], "tau": v["tau"]})
+        added.append({"name": "loss_truncation", "mode": v["loss_truncation"], "tau": v["tau"]})
     if v["sod"]:
         added.append({"name": "sod", "delta": v["sod_delta"], "eps": v["sod_eps"]})
         if v["sod_renormalize"]:
             out["renormalize"] = True
     if v["rollout_truncation"] != "none":
-        added.append({"name": "rollout_truncation", "on": v["rollout_truncation"],
+        added.append({"name": "rollout_truncation", "mode": v["rollout_truncation"],
                       "max_invalid_calls": v["max_invalid_calls"], "tau": v["tau"]})
     out["policies"] = [*out.get("policies", []), *added]
     return out

@@ -1,6 +1,6 @@
 """Loss-time truncation: keep the failing turn (the teacher's signal on the mistake is the useful
-correction), zero the turns after it. ``on: first_error`` = the first turn whose tool call failed;
-``on: threshold`` = the first turn whose d_k > tau."""
+correction), zero the turns after it. ``mode: first_error`` = the first turn whose tool call failed;
+``mode: threshold`` = the first turn whose d_k > tau."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from opd_agents.types import Trajectory
 
 
 class LossTruncationParams(PolicyParams):
-    on: Literal["first_error", "threshold"] = "first_error"
-    tau: float = Field(1.0, ge=0.0, description="d_k threshold (nats) for on=threshold")
+    mode: Literal["first_error", "threshold"] = "first_error"
+    tau: float = Field(1.0, ge=0.0, description="d_k threshold (nats) for mode=threshold")
 
 
 @register
@@ -26,15 +26,15 @@ class LossTruncation(LossPolicy):
 
     @property
     def needs(self) -> Needs:
-        return "logprobs" if self.params.on == "threshold" else "none"
+        return "logprobs" if self.params.mode == "threshold" else "none"
 
     @property
     def label(self) -> str:
-        return f"{self.name}={self.params.on}"
+        return f"{self.name}={self.params.mode}"
 
     def weights(self, traj: Trajectory, progress: float, signals: Signals | None = None) -> Weights:
         turns = traj.turns
-        if self.params.on == "first_error":
+        if self.params.mode == "first_error":
             stop = next((i for i, t in enumerate(turns) if t.tool_error_types), None)
         else:
             stop = next((i for i, t in enumerate(turns)

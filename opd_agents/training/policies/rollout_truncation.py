@@ -1,10 +1,10 @@
 """Rollout-time truncation: end the episode early (the rollout's ``turn_hook``).
 
-``on: invalid_calls``: once the episode's invalid calls (parse_error, tool_not_found, validation_failed,
+``mode: invalid_calls``: once the episode's invalid calls (parse_error, tool_not_found, validation_failed,
 counted over all turns so far) reach m = ``max_invalid_calls``: ``StopReason.parse_error`` if they are all
-parse errors, else ``StopReason.divergence``. ``on: threshold``: the latest turn's d_k > tau ->
+parse errors, else ``StopReason.divergence``. ``mode: threshold``: the latest turn's d_k > tau ->
 ``StopReason.divergence`` (the online teacher scores each turn as it is sampled; an unscored turn never
-stops). ``on: both``: either check, invalid calls first.
+stops). ``mode: both``: either check, invalid calls first.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from opd_agents.types import ErrorType, StopReason, Trajectory
 
 
 class RolloutTruncationParams(PolicyParams):
-    on: Literal["invalid_calls", "threshold", "both"] = "both"
+    mode: Literal["invalid_calls", "threshold", "both"] = "both"
     max_invalid_calls: int = Field(2, ge=1, description="m: stop the episode at the m-th invalid call")
-    tau: float = Field(1.0, ge=0.0, description="d_k threshold (nats) for on=threshold|both")
+    tau: float = Field(1.0, ge=0.0, description="d_k threshold (nats) for mode=threshold|both")
 
 
 @register
@@ -32,20 +32,20 @@ class RolloutTruncation(RolloutPolicy):
 
     @property
     def needs(self) -> Needs:
-        return "none" if self.params.on == "invalid_calls" else "logprobs"
+        return "none" if self.params.mode == "invalid_calls" else "logprobs"
 
     @property
     def label(self) -> str:
-        return f"{self.name}={self.params.on}"
+        return f"{self.name}={self.params.mode}"
 
     def should_stop(self, traj: Trajectory) -> StopReason | None:
         p = self.params
-        if p.on in ("invalid_calls", "both"):
+        if p.mode in ("invalid_calls", "both"):
             invalid = [e for t in traj.turns for e in t.tool_error_types if e in INVALID_CALL_ERRORS]
             if len(invalid) >= p.max_invalid_calls:
                 return StopReason.parse_error if all(e == ErrorType.parse_error for e in invalid) \
                     else StopReason.divergence
-        if p.on in ("threshold", "both") and traj.turns:
+        if p.mode in ("threshold", "both") and traj.turns:
             d = turn_divergence(traj.turns[-1])
             if d is not None and d > p.tau:
                 return StopReason.divergence
