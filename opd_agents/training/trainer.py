@@ -32,7 +32,7 @@ from opd_agents.training.losses import (
     topk_forward_kl_loss, topk_generalized_jsd_loss,
 )
 from opd_agents.models import load_model
-from opd_agents.training.policies import Signals
+from opd_agents.training.policies.signals import topk_signals
 from opd_agents.training.policy import AssistantBatch, assistant_batch, cross_entropy, pad_rows
 from opd_agents.training.preflight import preflight
 from opd_agents.env.registry import make_env
@@ -226,7 +226,8 @@ class Trainer:
         scores, teacher_tokens = self._teacher_signal(trajs, on_policy, online)
         topk = {t.id: s for t, s in zip(trajs, scores, strict=False)} if cfg.loss.top_k else {}
         t_div = time.perf_counter()
-        signals = self._policy_signals(trajs, scores)
+        signals = topk_signals(self.policies.top_k, trajs, scores, self._teacher_rows, self.student, self.pad_id,
+                               tc.micro_batch_size) if self.policies.top_k else {}
         for t, s in zip(trajs, scores or [None] * len(trajs), strict=True):
             annotate_turns(t, s.topk_logprobs if s is not None else None)
             factors = self.policies.apply(t, step / tc.steps, signals.get(t.id))
@@ -325,29 +326,6 @@ class Trainer:
             processed += len(seq.input_ids)
         return processed
 
-    def _policy_signals(self, trajs: list[Trajectory], scores: list[TeacherScores]) -> dict[str, Signals]:
-        """Top-k ids for policies that compare the teacher's and the student's top-k sets: the teacher's
-        from its scores or, on the full-logits path, from the logits rows (free); the student's from one
-        no-grad pass of the current student (the one that sampled, before this step's update)."""
-        k = self.policies.top_k
-        if not k:
-            return {}
-        teacher = {t.id: s.topk_ids for t, s in zip(trajs, scores, strict=False) if s.topk_ids is not None}
-        for t in trajs:
-            if t.id in self._teacher_rows:
-                teacher[t.id] = _split_turns(t, self._teacher_rows[t.id].topk(k, dim=-1).indices.tolist())
-        student: dict[str, list[list[list[int]]]] = {}
-        with torch.no_grad():
-            for start in range(0, len(trajs), self.cfg.train.micro_batch_size):
-                micro = [t for t in trajs[start : start + self.cfg.train.micro_batch_size] if t.num_assistant_tokens]
-                if not micro:
-                    continue
-                batch = assistant_batch(self.student, [TrainingView.from_trajectory(t) for t in micro], self.pad_id)
-                ids = batch.logits.topk(k, dim=-1).indices.tolist()
-                for row, t in enumerate(micro):
-                    student[t.id] = _split_turns(t, ids[row][: t.num_assistant_tokens])
-        return {t.id: Signals(teacher.get(t.id), student.get(t.id)) for t in trajs}
-
     def _needs_scores(self, on_policy: bool) -> bool:
         """Sampled-token teacher logprobs: the PG loss and telemetry; top-k losses need the top-k lists."""
         return on_policy or self.cfg.loss.top_k > 0
@@ -420,11 +398,3 @@ class Trainer:
         (loss * weight).backward()
         return loss.item()
 
-
-def _split_turns(traj: Trajectory, flat: list[Any]) -> list[Any]:
-    """Cut a per-assistant-token list into per-turn lists."""
-    out, start = [], 0
-    for turn in traj.turns:
-        out.append(flat[start : start + len(turn.token_ids)])
-        start += len(turn.token_ids)
-    return out
