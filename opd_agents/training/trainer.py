@@ -397,4 +397,3 @@ class Trainer:
         loss = cross_entropy(batch)
         (loss * weight).backward()
         return loss.item()
-
