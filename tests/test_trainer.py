@@ -242,3 +242,23 @@ def test_composed_policies_act_in_a_real_run(tmp_path: Path, tiny_model_dir: Pat
     trajs = [json.loads(line) for line in (tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()]
     three = [t for t in trajs if len(t["turns"]) == 3]
     assert three and all(t["turns"][2]["weight"] == 0.0 for t in three)
+
+
+def test_online_teacher_keeps_the_topk_a_policy_reads(tmp_path: Path, tiny_model_dir: Path,
+                                                      smollm2_tokenizer_dir: Path) -> None:
+    """Rollout-time scoring (tau = inf: nothing cut) + topk_drift: the online teacher keeps the top-k ids
+    as it scores each turn, so no teacher pass runs after the rollout, and the policy still acts."""
+    other_teacher = build_tiny_model(tmp_path / "teacher", smollm2_tokenizer_dir, seed=1)
+    if "opd_agents_test/Echo-v0" not in gym.registry:
+        gym.register("opd_agents_test/Echo-v0", entry_point=EchoEnv, disable_env_checker=True)
+    policies = [{"name": "rollout_truncation", "mode": "threshold", "tau": 1e9},
+                {"name": "topk_drift", "k": 4, "min_overlap": 1.0, "span": 1, "decay": 0.5, "floor": 0.01}]
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, **{
+        "divergence.policies": policies, "train.steps": 1, "teacher.model": str(other_teacher),
+        "env.id": "opd_agents_test/Echo-v0", "env.kwargs": {}, "env.limits.max_turns": 2,
+        "env.limits.max_tokens_per_turn": 16, "max_tokens_per_turn": 16})
+    Trainer(cfg).train()
+    row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["teacher_tokens"] == 0 and row["teacher_tokens_rollout"] > 0
+    assert 0.0 < row["div/policy/topk_drift/mean_weight"] < 1.0
+    assert row["div/policy/rollout_truncation/stop_share"] == 0.0

@@ -21,19 +21,23 @@ class OnlineTeacher:
 
     ``keep_logits``: also keep the teacher's full-vocabulary logits at every scored token (what forward
     KL / JSD need), so the trainer needs no second teacher pass after the rollout; ``take_logits()``
-    hands them over per trajectory, in the layout of ``HFTeacher.logits_for``.
+    hands them over per trajectory, in the layout of ``HFTeacher.logits_for``. ``keep_topk``: also keep the
+    teacher's top-k token ids at every scored token (what top-k divergence policies read); ``take_topk()``.
     """
 
     def __init__(self, model: PreTrainedModel, pad_token_id: int,
-                 prompt_ids: Callable[[Trajectory], list[int]] | None = None, keep_logits: bool = False) -> None:
+                 prompt_ids: Callable[[Trajectory], list[int]] | None = None, keep_logits: bool = False,
+                 keep_topk: int = 0) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
         self.prompt_ids = prompt_ids or (lambda t: list(t.prompt_ids))  # privileged view: another prompt
         self.keep_logits = keep_logits
+        self.keep_topk = keep_topk
         self.batch: KVBatch | None = None
         self.pending: list[list[int]] = []
         self.live_ids: list[str] = []  # trajectory id of each live row
         self.logits: dict[str, list[torch.Tensor]] = {}
+        self.topk: dict[str, list[list[list[int]]]] = {}  # per trajectory, per turn, per token: top-k ids
         self.tokens_processed = 0
 
     def begin(self, trajs: Sequence[Trajectory]) -> None:
@@ -42,6 +46,8 @@ class OnlineTeacher:
         self.live_ids = [t.id for t in trajs]
         if self.keep_logits:  # only then does take_logits() empty this dict each step
             self.logits.update({t.id: [] for t in trajs})
+        if self.keep_topk:
+            self.topk.update({t.id: [] for t in trajs})
 
     def take_logits(self) -> dict[str, torch.Tensor]:
         """[assistant tokens, V] teacher logits per trajectory scored since the last call (then forgotten)."""
@@ -49,6 +55,11 @@ class OnlineTeacher:
         rows = {tid: torch.cat(parts) if parts else torch.empty(0, width) for tid, parts in self.logits.items()}
         self.logits = {}
         return rows
+
+    def take_topk(self) -> dict[str, list[list[list[int]]]]:
+        """Per trajectory scored since the last call: the teacher's top-k ids per turn and token."""
+        out, self.topk = self.topk, {}
+        return out
 
     @torch.no_grad()
     def score(self, turns: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -73,6 +84,8 @@ class OnlineTeacher:
             out.append(logp[row, pos, ids].tolist())
             if self.keep_logits:
                 self.logits[self.live_ids[row]].append(logits[row, pos].float())
+            if self.keep_topk:
+                self.topk[self.live_ids[row]].append(logits[row, pos].topk(self.keep_topk, dim=-1).indices.tolist())
         self.pending = [[] for _ in turns]
         return out
 

@@ -101,6 +101,7 @@ class Trainer:
         self.summary: dict[str, Any] = {}
         self._teacher_rows: dict[str, torch.Tensor] = {}  # this step's full teacher logits per trajectory
         self._token_factors: dict[str, list[float]] = {}  # this step's per-token policy factors per trajectory
+        self._online_topk: dict[str, list[list[list[int]]]] = {}  # this step's teacher top-k ids from the rollout
 
     def _setup_rollout_policies(self) -> None:
         """Rollout-time policies end episodes from the rollout's turn hook; those that read the teacher
@@ -114,7 +115,8 @@ class Trainer:
                 raise OpdError("a rollout-time divergence policy on d_k needs an in-process (hf) teacher")
             # Full-vocabulary losses take the online pass's logits too: the teacher reads each token once.
             self.rollout.online_teacher = OnlineTeacher(model, self.pad_id, self.teacher.view.prompt_ids,
-                                                        keep_logits=self._uses_full_teacher_logits(on_policy=True))
+                                                        keep_logits=self._uses_full_teacher_logits(on_policy=True),
+                                                        keep_topk=self.policies.top_k)
 
     # ---- resume ------------------------------------------------------------------------------------
     def resume(self) -> bool:
@@ -226,8 +228,8 @@ class Trainer:
         scores, teacher_tokens = self._teacher_signal(trajs, on_policy, online)
         topk = {t.id: s for t, s in zip(trajs, scores, strict=False)} if cfg.loss.top_k else {}
         t_div = time.perf_counter()
-        signals = topk_signals(self.policies.top_k, trajs, scores, self._teacher_rows, self.student, self.pad_id,
-                               tc.micro_batch_size) if self.policies.top_k else {}
+        signals = topk_signals(self.policies.top_k, trajs, scores, self._online_topk, self._teacher_rows,
+                               self.student, self.pad_id, tc.micro_batch_size) if self.policies.top_k else {}
         for t, s in zip(trajs, scores or [None] * len(trajs), strict=True):
             annotate_turns(t, s.topk_logprobs if s is not None else None)
             factors = self.policies.apply(t, step / tc.steps, signals.get(t.id))
@@ -257,7 +259,7 @@ class Trainer:
             total_loss += out.loss.item() * share
             for k, v in out.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v * share
-        self._teacher_rows, self._token_factors = {}, {}
+        self._teacher_rows, self._token_factors, self._online_topk = {}, {}, {}
         aux_loss = self._aux_loss(aux) if aux else 0.0
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), tc.max_grad_norm)
         self.optimizer.step()
@@ -292,7 +294,9 @@ class Trainer:
         the rollout."""
         top_k = max(self.cfg.loss.top_k, self.policies.top_k)
         online_rows = online.take_logits() if online is not None and online.keep_logits else {}
-        scored_online = online is not None and top_k == 0 and all(
+        self._online_topk = online.take_topk() if online is not None and online.keep_topk else {}
+        # The online teacher keeps the policies' top-k ids but not the top-k logprobs a top-k loss needs.
+        scored_online = online is not None and self.cfg.loss.top_k == 0 and all(
             turn.teacher_logprobs is not None for t in trajs for turn in t.turns)
         if self._uses_full_teacher_logits(on_policy):
             if scored_online and all(t.id in online_rows for t in trajs):

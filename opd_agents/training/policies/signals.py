@@ -26,12 +26,14 @@ def split_turns(traj: Trajectory, flat: Sequence[Any]) -> list[list[Any]]:
 
 
 def topk_signals(k: int, trajs: Sequence[Trajectory], scores: Sequence[TeacherScores],
-                 teacher_rows: dict[str, torch.Tensor], student: PreTrainedModel, pad_id: int,
-                 micro_batch_size: int) -> dict[str, Signals]:
-    """Per trajectory id: the teacher's top-k ids from its scores or, on the full-logits path, from its
-    logits rows (free); the student's from one no-grad pass of the current student (the one that sampled
-    the batch: the update comes after), micro-batch by micro-batch."""
+                 online_topk: dict[str, list[list[list[int]]]], teacher_rows: dict[str, torch.Tensor],
+                 student: PreTrainedModel, pad_id: int, micro_batch_size: int) -> dict[str, Signals]:
+    """Per trajectory id: the teacher's top-k ids from its scores, from the online teacher (rollout-time
+    scoring) or, on the full-logits path, from its logits rows (free); the student's from one no-grad pass
+    of the current student (the one that sampled the batch: the update comes after), micro-batch by
+    micro-batch."""
     teacher = {t.id: s.topk_ids for t, s in zip(trajs, scores, strict=False) if s.topk_ids is not None}
+    teacher |= online_topk
     for t in trajs:
         if t.id in teacher_rows:
             teacher[t.id] = split_turns(t, teacher_rows[t.id].topk(k, dim=-1).indices.tolist())
