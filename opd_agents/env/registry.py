@@ -12,6 +12,7 @@ SHIPPED_ENVS: dict[str, str] = {
     "opd_agents/Arithmetic-v0": "environments.arithmetic:ArithmeticEnv",
     "opd_agents/PythonMath-v0": "environments.python_math:PythonMathEnv",
     "opd_agents/RetrievalQA-v0": "environments.retrieval_qa:RetrievalQAEnv",
+    "opd_agents/TextWorld-v0": "environments.textworld_quest:TextWorldEnv",  # extra: opd-agents[textworld]
 }
 
 
