@@ -250,7 +250,13 @@ class TextWorldEnv(ToolEnv):
             reward += 1.0
             info["success"] = True
             info["reward_parts"]["won"] = 1.0
+        if terminated or truncated:
+            self.close()  # the rollout makes an env per episode and drops it: free the interpreter now
         return obs, reward, terminated, truncated, info
+
+    def end_episode(self) -> None:
+        super().end_episode()
+        self.close()
 
 
 def default_cache_dir() -> Path:

@@ -78,6 +78,7 @@ def test_invalid_command_is_refused_and_the_episode_goes_on(tw_cache: Path) -> N
     for command in plan:  # the game state did not move: the original walkthrough still wins
         obs, reward, terminated, _, info = act(env, command)
     assert terminated and reward == 1.0 and info["success"] and info["turn_outcome"] == TurnOutcome.ok
+    assert env._game is None  # the interpreter is released when the episode ends
     with pytest.raises(EnvOrderError):
         act(env, "look")
 
