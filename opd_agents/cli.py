@@ -35,7 +35,11 @@ def envs() -> None:
     """List the registered environments and their tools."""
     table = Table("id", "tools", "description")
     for env_id in SHIPPED_ENVS:
-        env = make_env(env_id).unwrapped
+        try:
+            env = make_env(env_id).unwrapped
+        except OpdError as e:  # e.g. an optional extra that is not installed: listed, with the reason
+            table.add_row(env_id, "-", Text(f"unavailable: {e}", style="yellow"))
+            continue
         tools = ", ".join(t.name for t in env.toolbox.tools.values())
         table.add_row(env_id, tools, (type(env).__doc__ or "").strip().splitlines()[0])
     console.print(table)

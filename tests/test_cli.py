@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from opd_agents.cli import app
@@ -64,3 +65,15 @@ def test_rollout_passes_env_arguments(tmp_path: Path) -> None:
     bad = runner.invoke(app, ["rollout", "--env", "Arithmetic-v0", "--expert", "--env-arg", "difficultyy=3",
                               "--out", str(out)], terminal_width=200)
     assert bad.exit_code == 2 and "difficultyy" in bad.output
+
+
+def test_envs_lists_an_env_that_cannot_be_built_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tools import python_exec
+
+    monkeypatch.setattr(python_exec, "os_sandbox_problem", lambda: "no user namespaces here")
+    result = runner.invoke(app, ["envs"], terminal_width=250)
+    assert result.exit_code == 0
+    line = next(line for line in result.output.splitlines() if "PythonMath-v0" in line)
+    assert "unavailable" in line
+    assert "no user namespaces here" in " ".join(result.output.replace("│", " ").split())  # wrapped in its cell
+    assert "calculator" in next(line for line in result.output.splitlines() if "Arithmetic-v0" in line)
