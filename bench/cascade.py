@@ -1,11 +1,15 @@
-"""Cascade reproduction: mean per-turn divergence d_k by turn index, trajectories with a tool error vs without
+"""Cascade reproduction: mean per-turn divergence d_k by turn index, trajectories with a failing turn vs without
 (the analogue of SOD's Fig. 1a), from any file of teacher-scored trajectories.
+
+The failing turn is the telemetry's ``first_failing_turn``: the first turn whose ``Turn.outcome`` is invalid or
+off_plan when the env reports outcomes (TextWorld-v0), else the first turn whose tool call failed.
 
     .venv/bin/python bench/cascade.py runs/quickstart/trajectories.jsonl --plot docs/img/cascade.png
     .venv/bin/python bench/cascade.py runs/ablation/plain-s*/trajectories.jsonl     # several runs pooled
 
 Besides d_k by absolute turn index it prints d_k aligned on each trajectory's first failing turn
-(offset 0 = the turn whose tool call failed), which shows directly whether divergence grows after it.
+(offset 0 = the first failing turn), which shows directly whether divergence grows after it, and, when the env
+reports ``Turn.outcome``, mean d_k by outcome.
 
 Training runs write scored trajectories (teacher logprobs and d_k on every turn) to RUN_DIR/trajectories.jsonl;
 `opd-agents score` scores any other trajectory file.
@@ -18,7 +22,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from opd_agents.training.divergence import divergence_table, turn_divergence
+from opd_agents.training.divergence import divergence_table, first_failing_turn, turn_divergence
 from opd_agents.store import iter_trajectories
 
 
@@ -27,15 +31,16 @@ def main() -> None:
     ap.add_argument("trajectories", type=Path, nargs="+")
     ap.add_argument("--max-turns", type=int, default=6)
     ap.add_argument("--plot", type=Path, help="write the figure here (PNG or SVG)")
+    ap.add_argument("--title", help="the figure's title")
     args = ap.parse_args()
 
     trajs = [t for path in args.trajectories for t in iter_trajectories(path)
              if any(x.teacher_logprobs for x in t.turns)]
     table = divergence_table(trajs, max_turns=args.max_turns)
-    with_err = sum(1 for t in trajs if t.first_error_turn is not None)
-    print(f"{len(trajs)} scored trajectories ({with_err} with a tool error) from "
+    with_err = sum(1 for t in trajs if first_failing_turn(t) is not None)
+    print(f"{len(trajs)} scored trajectories ({with_err} with a failing turn) from "
           f"{', '.join(map(str, args.trajectories))}\n")
-    print(f"{'turn k':>6} | {'d_k with tool error':>20} {'n':>5} | {'d_k without':>12} {'n':>5}")
+    print(f"{'turn k':>6} | {'d_k with failing turn':>21} {'n':>5} | {'d_k without':>12} {'n':>5}")
     for k in range(args.max_turns):
         a, na = table["with_error"][k], table["with_error_n"][k]
         b, nb = table["no_error"][k], table["no_error_n"][k]
@@ -43,19 +48,30 @@ def main() -> None:
             continue
         fa = f"{a:.3f}" if a is not None else "-"
         fb = f"{b:.3f}" if b is not None else "-"
-        print(f"{k + 1:>6} | {fa:>20} {int(na or 0):>5} | {fb:>12} {int(nb or 0):>5}")
+        print(f"{k + 1:>6} | {fa:>21} {int(na or 0):>5} | {fb:>12} {int(nb or 0):>5}")
     by_offset: dict[int, list[float]] = defaultdict(list)
     for t in trajs:
-        if t.first_error_turn is None:
+        first = first_failing_turn(t)
+        if first is None:
             continue
         for turn in t.turns:
             d = turn_divergence(turn)
             if d is not None:
-                by_offset[turn.index - t.first_error_turn].append(d)
+                by_offset[turn.index - first].append(d)
     if by_offset:
         print(f"\n{'turns after the first failing turn':>34} | {'mean d_k':>8} {'n':>5}")
         for off in sorted(by_offset):
             print(f"{off:>34} | {statistics.mean(by_offset[off]):>8.3f} {len(by_offset[off]):>5}")
+    by_outcome: dict[str, list[float]] = defaultdict(list)
+    for t in trajs:
+        for turn in t.turns:
+            d = turn_divergence(turn)
+            if d is not None and turn.outcome is not None:
+                by_outcome[turn.outcome.value].append(d)
+    if by_outcome:
+        print(f"\n{'Turn.outcome':>34} | {'mean d_k':>8} {'n':>5}")
+        for o in sorted(by_outcome):
+            print(f"{o:>34} | {statistics.mean(by_outcome[o]):>8.3f} {len(by_outcome[o]):>5}")
     if args.plot:
         import matplotlib
 
@@ -65,7 +81,7 @@ def main() -> None:
         from matplotlib.ticker import MaxNLocator
 
         fig, (ax, ax_off) = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
-        for key, label in (("with_error", "with a tool error"), ("no_error", "without")):
+        for key, label in (("with_error", "with a failing turn"), ("no_error", "without")):
             pts = [(k + 1, v) for k, v in enumerate(table[key]) if v is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=label)
@@ -77,9 +93,11 @@ def main() -> None:
         ax_off.plot(offsets, [statistics.mean(by_offset[o]) for o in offsets], marker="o", color="C0")
         ax_off.axvline(0, color="grey", linestyle=":")
         ax_off.set_xlabel("turns after the first failing turn")
-        ax_off.set_title("aligned on the first tool error")
+        ax_off.set_title("aligned on the first failing turn")
         for a in (ax, ax_off):
             a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if args.title:
+            fig.suptitle(args.title)
         fig.tight_layout()
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.plot, dpi=120)
