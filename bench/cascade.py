@@ -9,7 +9,7 @@ off_plan when the env reports outcomes (TextWorld-v0), else the first turn whose
 
 Besides d_k by absolute turn index it prints d_k aligned on each trajectory's first failing turn
 (offset 0 = the first failing turn), which shows directly whether divergence grows after it, and, when the env
-reports ``Turn.outcome``, mean d_k by outcome.
+reports ``Turn.outcome``, the same restricted to turns whose own outcome is ok, and mean d_k by outcome.
 
 Training runs write scored trajectories (teacher logprobs and d_k on every turn) to RUN_DIR/trajectories.jsonl;
 `opd-agents score` scores any other trajectory file.
@@ -50,6 +50,7 @@ def main() -> None:
         fb = f"{b:.3f}" if b is not None else "-"
         print(f"{k + 1:>6} | {fa:>21} {int(na or 0):>5} | {fb:>12} {int(nb or 0):>5}")
     by_offset: dict[int, list[float]] = defaultdict(list)
+    by_offset_ok: dict[int, list[float]] = defaultdict(list)  # only turns whose own outcome is ok
     for t in trajs:
         first = first_failing_turn(t)
         if first is None:
@@ -58,10 +59,17 @@ def main() -> None:
             d = turn_divergence(turn)
             if d is not None:
                 by_offset[turn.index - first].append(d)
+                if turn.outcome is not None and turn.outcome.value == "ok":
+                    by_offset_ok[turn.index - first].append(d)
     if by_offset:
-        print(f"\n{'turns after the first failing turn':>34} | {'mean d_k':>8} {'n':>5}")
+        print(f"\n{'turns after the first failing turn':>34} | {'mean d_k':>8} {'n':>5}"
+              + (f" | {'mean d_k, ok turns':>18} {'n':>5}" if by_offset_ok else ""))
         for off in sorted(by_offset):
-            print(f"{off:>34} | {statistics.mean(by_offset[off]):>8.3f} {len(by_offset[off]):>5}")
+            row = f"{off:>34} | {statistics.mean(by_offset[off]):>8.3f} {len(by_offset[off]):>5}"
+            if by_offset_ok:
+                ok = by_offset_ok.get(off, [])
+                row += f" | {statistics.mean(ok) if ok else float('nan'):>18.3f} {len(ok):>5}"
+            print(row)
     by_outcome: dict[str, list[float]] = defaultdict(list)
     for t in trajs:
         for turn in t.turns:
@@ -90,7 +98,13 @@ def main() -> None:
         ax.set_title("by turn index")
         ax.legend()
         offsets = sorted(by_offset)
-        ax_off.plot(offsets, [statistics.mean(by_offset[o]) for o in offsets], marker="o", color="C0")
+        ax_off.plot(offsets, [statistics.mean(by_offset[o]) for o in offsets], marker="o", color="C0",
+                    label="all turns")
+        if by_offset_ok:
+            ok_offsets = sorted(by_offset_ok)
+            ax_off.plot(ok_offsets, [statistics.mean(by_offset_ok[o]) for o in ok_offsets], marker=".",
+                        linestyle="--", color="C2", label="turns whose outcome is ok")
+            ax_off.legend()
         ax_off.axvline(0, color="grey", linestyle=":")
         ax_off.set_xlabel("turns after the first failing turn")
         ax_off.set_title("aligned on the first failing turn")
