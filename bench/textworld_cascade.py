@@ -97,7 +97,8 @@ def play_noisy_expert(factory: Callable[[], Any], seeds: Sequence[int], renderer
     return out
 
 
-def sft(model: Any, trajs: Sequence[Any], pad: int, steps: int, seed: int) -> list[float]:
+def sft(model: Any, trajs: Sequence[Any], pad: int, steps: int, seed: int,
+        log: Callable[[str], None] | None = None) -> list[float]:
     """Weighted cross-entropy on the assistant tokens (turn.weight 0 = not trained on)."""
     from opd_agents.training.policy import assistant_batch
     from opd_agents.training.view import TrainingView
@@ -116,6 +117,8 @@ def sft(model: Any, trajs: Sequence[Any], pad: int, steps: int, seed: int) -> li
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if log and (len(losses) % 5 == 0 or len(losses) == 1):
+            log(f"  sft step {len(losses)}/{steps}: loss {losses[-1]:.3f}")
     model.eval()
     return losses
 
@@ -155,7 +158,7 @@ def build_sft(kind: str, base: str, steps: int, out_dir: Path, log: Callable[[st
         trajs += qtrajs
     t_play = time.perf_counter() - t0
     pad = tok.pad_token_id if tok.pad_token_id is not None else renderer.im_end_id
-    losses = sft(model, trajs, int(pad), steps, seed=0)
+    losses = sft(model, trajs, int(pad), steps, seed=0, log=log)
     turns = [x for t in trajs for x in t.turns]
     meta = {"settings": settings, "losses_first5": losses[:5], "losses_last5": losses[-5:],
             "episodes": len(trajs), "expert_success": sum(t.success for t in trajs) / len(trajs),
@@ -245,7 +248,7 @@ def main() -> None:
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--teacher-steps", type=int, default=40)
     ap.add_argument("--student-steps", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=16, help="episodes per rollout batch")
+    ap.add_argument("--batch-size", type=int, default=32, help="episodes per rollout batch")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
