@@ -41,5 +41,5 @@ def resolve_env_id(env_id: str) -> str:
 
 
 def make_env(env_id: str, **kwargs: object) -> gym.Env:
-    """``gymnasium.make`` that accepts the short name (``Arithmetic-v0``) too; returns the unwrapped env."""
+    """``gymnasium.make`` that accepts the short name (``Arithmetic-v0``) too (``.unwrapped`` is the ToolEnv)."""
     return gym.make(resolve_env_id(env_id), **kwargs)
