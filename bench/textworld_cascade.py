@@ -181,7 +181,7 @@ def model_parser() -> Any:
 
 
 def run_quest_length(q: int, teacher_dir: Path, student_dir: Path, out: Path, episodes: int,
-                     batch_size: int, log: Callable[[str], None]) -> dict[str, Any]:
+                     batch_size: int, log: Callable[[str], None], teacher_episodes: int) -> dict[str, Any]:
     from opd_agents import heldout_seeds
     from opd_agents.models import load_model
     from opd_agents.rollout.renderer import ChatMLRenderer
@@ -216,29 +216,36 @@ def run_quest_length(q: int, teacher_dir: Path, student_dir: Path, out: Path, ep
     out.mkdir(parents=True, exist_ok=True)
     write_trajectories(out / "trajectories.jsonl", trajs)
     log(f"ql{q}: scored in {t_score:.0f}s")
-    t2 = time.perf_counter()
-    view = TeacherView(renderer, privileged)
-    tsampler = HFSampler(teacher.model, renderer)
-    ttrajs = Rollout(tsampler, factory, sampling=sampling, model_id="sft-teacher-privileged",
-                     batch_size=batch_size, env_id=ENV_ID, sampling_prompt=view.prompt_ids).run(seeds)
-    write_trajectories(out / "teacher.jsonl", ttrajs)
-    t_teacher = time.perf_counter() - t2
     firsts = [first_failing_turn(t) for t in trajs]
     outcomes = Counter(x.outcome.value if x.outcome else "none" for t in trajs for x in t.turns)
-    summary = {
+    summary: dict[str, Any] = {
         "quest_length": q, "seeds": [seeds[0], seeds[-1]], "max_turns": 2 * q, "temperature": 1.0,
         "student_success": sum(t.success for t in trajs) / len(trajs),
-        "teacher_success": sum(t.success for t in ttrajs) / len(ttrajs),
         "student_mean_turns": sum(len(t.turns) for t in trajs) / len(trajs),
-        "teacher_mean_turns": sum(len(t.turns) for t in ttrajs) / len(ttrajs),
         "with_failing_turn": sum(f is not None for f in firsts), "without": sum(f is None for f in firsts),
         "first_failing_turn_hist": dict(sorted(Counter(f for f in firsts if f is not None).items())),
         "student_turn_outcomes": dict(outcomes),
         "student_stop_reasons": dict(Counter(t.stop_reason.value if t.stop_reason else "none" for t in trajs)),
-        "teacher_stop_reasons": dict(Counter(t.stop_reason.value if t.stop_reason else "none" for t in ttrajs)),
-        "rollout_s": t_roll, "score_s": t_score, "teacher_rollout_s": t_teacher,
-        "wall_s": time.perf_counter() - t0,
+        "rollout_s": t_roll, "score_s": t_score, "teacher_success": None,
     }
+    # Written now, so an interrupted teacher evaluation leaves the cascade data complete (teacher_success null).
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if teacher_episodes:
+        t2 = time.perf_counter()
+        view = TeacherView(renderer, privileged)
+        tsampler = HFSampler(teacher.model, renderer)
+        tseeds = seeds[:teacher_episodes]
+        ttrajs = Rollout(tsampler, factory, sampling=sampling, model_id="sft-teacher-privileged",
+                         batch_size=batch_size, env_id=ENV_ID, sampling_prompt=view.prompt_ids).run(tseeds)
+        write_trajectories(out / "teacher.jsonl", ttrajs)
+        summary |= {
+            "teacher_episodes": len(ttrajs), "teacher_success": sum(t.success for t in ttrajs) / len(ttrajs),
+            "student_success_same_seeds": sum(t.success for t in trajs[:len(ttrajs)]) / len(ttrajs),
+            "teacher_mean_turns": sum(len(t.turns) for t in ttrajs) / len(ttrajs),
+            "teacher_stop_reasons": dict(Counter(t.stop_reason.value if t.stop_reason else "none" for t in ttrajs)),
+            "teacher_rollout_s": time.perf_counter() - t2,
+        }
+    summary["wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(f"ql{q}: {json.dumps(summary)}")
     return summary
@@ -253,6 +260,8 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=10)
     ap.add_argument("--student-steps", type=int, default=0,
                     help="0: the student is the teacher's weights with the plain prompt (no separate SFT)")
+    ap.add_argument("--teacher-episodes", type=int, default=None,
+                    help="held-out episodes the teacher plays for its success rate (default: --episodes; 0: none)")
     ap.add_argument("--batch-size", type=int, default=32, help="episodes per rollout batch")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -272,7 +281,8 @@ def main() -> None:
         if (out / "summary.json").is_file():
             log(f"ql{q}: done already ({out / 'summary.json'}), skipped")
             continue
-        run_quest_length(q, teacher_dir, student_dir, out, args.episodes, args.batch_size, log)
+        teacher_episodes = args.episodes if args.teacher_episodes is None else args.teacher_episodes
+        run_quest_length(q, teacher_dir, student_dir, out, args.episodes, args.batch_size, log, teacher_episodes)
 
 
 if __name__ == "__main__":
