@@ -101,38 +101,12 @@ def play_noisy_expert(factory: Callable[[], Any], seeds: Sequence[int], renderer
     return out
 
 
-def sft(model: Any, trajs: Sequence[Any], pad: int, steps: int, seed: int,
-        log: Callable[[str], None] | None = None) -> list[float]:
-    """Weighted cross-entropy on the assistant tokens (turn.weight 0 = not trained on)."""
-    from opd_agents.training.policy import assistant_batch
-    from opd_agents.training.view import TrainingView
-
-    rng = random.Random(seed)
-    views = [TrainingView.from_trajectory(t) for t in trajs]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        b = assistant_batch(model, rng.sample(views, min(BATCH, len(views))), pad)
-        w = b.mask * b.weights
-        loss = -(b.logprobs * w).sum() / w.sum().clamp(min=1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if log and (len(losses) % 5 == 0 or len(losses) == 1):
-            log(f"  sft step {len(losses)}/{steps}: loss {losses[-1]:.3f}")
-    model.eval()
-    return losses
-
-
 def build_sft(kind: str, base: str, steps: int, out_dir: Path, log: Callable[[str], None]) -> Path:
     """The teacher (privileged, noisy expert) or the student (plain, clean expert), cached by settings."""
     from opd_agents.models import load_model
     from opd_agents.rollout.renderer import ChatMLRenderer
     from opd_agents.teacher.base import TeacherView
-    from opd_agents.teacher.sft import _save_atomically
+    from opd_agents.teacher.sft import _save_atomically, sft_train
     from opd_agents.training.components import privileged_reference
 
     n = SFT_EPISODES if kind == "teacher" else STUDENT_EPISODES
@@ -162,7 +136,7 @@ def build_sft(kind: str, base: str, steps: int, out_dir: Path, log: Callable[[st
         trajs += qtrajs
     t_play = time.perf_counter() - t0
     pad = tok.pad_token_id if tok.pad_token_id is not None else renderer.im_end_id
-    losses = sft(model, trajs, int(pad), steps, seed=0, log=log)
+    losses = sft_train(model, trajs, int(pad), steps, BATCH, LR, seed=0, log=log)
     turns = [x for t in trajs for x in t.turns]
     meta = {"settings": settings, "losses_first5": losses[:5], "losses_last5": losses[-5:],
             "episodes": len(trajs), "expert_success": sum(t.success for t in trajs) / len(trajs),

@@ -29,8 +29,9 @@ from opd_agents.types import Trajectory
 
 
 def sft_train(model: PreTrainedModel, trajs: Sequence[Trajectory], pad_token_id: int, steps: int,
-              batch_size: int, lr: float, seed: int) -> list[float]:
-    """Cross-entropy on the assistant tokens of ``trajs``; returns the loss per step."""
+              batch_size: int, lr: float, seed: int, log: Callable[[str], None] | None = None) -> list[float]:
+    """Cross-entropy on the assistant tokens of ``trajs``, each turn scaled by its weight (0 = not trained
+    on); returns the loss per step, logged every 5 steps when ``log`` is given."""
     rng = random.Random(seed)
     views = [TrainingView.from_trajectory(t) for t in trajs]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -38,12 +39,14 @@ def sft_train(model: PreTrainedModel, trajs: Sequence[Trajectory], pad_token_id:
     losses = []
     for _ in range(steps):
         batch = rng.sample(views, min(batch_size, len(views)))
-        loss = cross_entropy(assistant_batch(model, batch, pad_token_id))
+        loss = cross_entropy(assistant_batch(model, batch, pad_token_id), weighted=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if log and (len(losses) % 5 == 0 or len(losses) == 1):
+            log(f"  sft step {len(losses)}/{steps}: loss {losses[-1]:.3f}")
     model.eval()
     return losses
 

@@ -73,7 +73,8 @@ def assistant_batch(model: PreTrainedModel, views: Sequence[TrainingView], pad_t
     )
 
 
-def cross_entropy(batch: AssistantBatch) -> Tensor:
-    """Mean negative log-likelihood of the assistant tokens (SFT / off-policy on expert data)."""
-    nll = -(batch.logprobs * batch.mask)
-    return nll.sum() / batch.mask.sum().clamp(min=1)
+def cross_entropy(batch: AssistantBatch, weighted: bool = False) -> Tensor:
+    """Mean negative log-likelihood of the assistant tokens (SFT / off-policy on expert data); ``weighted``
+    scales each token by its turn's weight (a 0-weight turn is not trained on)."""
+    mask = batch.mask * batch.weights if weighted else batch.mask
+    return -(batch.logprobs * mask).sum() / mask.sum().clamp(min=1)
