@@ -73,8 +73,9 @@ class DivergencePolicy(ABC):
 
     @property
     def label(self) -> str:
-        """How config-time messages name it, e.g. ``rollout_truncation=both``."""
-        return self.name
+        """How config-time messages name it, e.g. ``rollout_truncation=both`` (a policy with a ``mode``)."""
+        mode = getattr(self.params, "mode", None)
+        return self.name if mode is None else f"{self.name}={mode}"
 
     def weights(self, traj: Trajectory, progress: float, signals: Signals | None = None) -> Weights:
         """Loss time: factors for ``traj``; ``progress`` = step / total steps, in (0, 1]."""

@@ -28,10 +28,6 @@ class LossTruncation(LossPolicy):
     def needs(self) -> Needs:
         return "logprobs" if self.params.mode == "threshold" else "none"
 
-    @property
-    def label(self) -> str:
-        return f"{self.name}={self.params.mode}"
-
     def weights(self, traj: Trajectory, progress: float, signals: Signals | None = None) -> Weights:
         turns = traj.turns
         if self.params.mode == "first_error":

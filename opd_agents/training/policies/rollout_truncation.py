@@ -34,10 +34,6 @@ class RolloutTruncation(RolloutPolicy):
     def needs(self) -> Needs:
         return "none" if self.params.mode == "invalid_calls" else "logprobs"
 
-    @property
-    def label(self) -> str:
-        return f"{self.name}={self.params.mode}"
-
     def should_stop(self, traj: Trajectory) -> StopReason | None:
         p = self.params
         if p.mode in ("invalid_calls", "both"):
