@@ -160,7 +160,7 @@ def run_quest_length(q: int, teacher_dir: Path, student_dir: Path, out: Path, ep
     from opd_agents.models import load_model
     from opd_agents.rollout.renderer import ChatMLRenderer
     from opd_agents.rollout.runner import Rollout
-    from opd_agents.rollout.sampler import HFSampler
+    from opd_agents.rollout.hf_engine import HFEngine
     from opd_agents.store import write_trajectories
     from opd_agents.teacher import HFTeacher
     from opd_agents.teacher.base import TeacherView
@@ -175,8 +175,8 @@ def run_quest_length(q: int, teacher_dir: Path, student_dir: Path, out: Path, ep
     sampling = SamplingParams(temperature=1.0, max_tokens_per_turn=48, seed=0)
     student, tok = load_model(student_dir)
     renderer = ChatMLRenderer(tok, model_parser())
-    trajs = Rollout(HFSampler(student, renderer), factory, sampling=sampling, model_id="sft-student",
-                    batch_size=batch_size, env_id=ENV_ID).run(seeds)
+    trajs = Rollout(HFEngine(student, renderer), factory, sampling=sampling, model_id="sft-student",
+                    max_episodes=batch_size, env_id=ENV_ID).run(seeds)
     t_roll = time.perf_counter() - t0
     log(f"ql{q}: student rollout {len(trajs)} episodes, success {sum(t.success for t in trajs)}/{len(trajs)}, "
         f"{t_roll:.0f}s")
@@ -207,10 +207,10 @@ def run_quest_length(q: int, teacher_dir: Path, student_dir: Path, out: Path, ep
     if teacher_episodes:
         t2 = time.perf_counter()
         view = TeacherView(renderer, privileged)
-        tsampler = HFSampler(teacher.model, renderer)
+        tengine = HFEngine(teacher.model, renderer)
         tseeds = seeds[:teacher_episodes]
-        ttrajs = Rollout(tsampler, factory, sampling=sampling, model_id="sft-teacher-privileged",
-                         batch_size=batch_size, env_id=ENV_ID, sampling_prompt=view.prompt_ids).run(tseeds)
+        ttrajs = Rollout(tengine, factory, sampling=sampling, model_id="sft-teacher-privileged",
+                         max_episodes=batch_size, env_id=ENV_ID, sampling_prompt=view.prompt_ids).run(tseeds)
         write_trajectories(out / "teacher.jsonl", ttrajs)
         summary |= {
             "teacher_episodes": len(ttrajs), "teacher_success": sum(t.success for t in ttrajs) / len(ttrajs),

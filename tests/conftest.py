@@ -27,6 +27,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_d
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", smollm2_tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """Like ``tiny_model_dir`` with other random weights (seed 1): a teacher that disagrees with it."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-teacher", smollm2_tokenizer_dir, seed=1)
+
+
 @pytest.fixture()
 def tiny_model(tiny_model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A fresh (model, tokenizer) per test, so a test that trains it cannot affect another."""

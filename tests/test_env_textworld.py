@@ -199,13 +199,13 @@ def test_rollout_stores_turn_outcomes(tw_cache: Path, tiny_model_dir: Path) -> N
     from opd_agents.models import load_model
     from opd_agents.rollout.renderer import ChatMLRenderer
     from opd_agents.rollout.runner import Rollout
-    from opd_agents.rollout.sampler import HFSampler
+    from opd_agents.rollout.hf_engine import HFEngine
     from opd_agents.types import SamplingParams
 
     model, tok = load_model(tiny_model_dir)
     factory = lambda: make(tw_cache, quest_length=2, parser=CommandParser(), limits={"max_turns": 3})  # noqa: E731
-    sampler = HFSampler(model, ChatMLRenderer(tok, factory().parser))
-    trajs = Rollout(sampler, factory, SamplingParams(max_tokens_per_turn=48, seed=0), batch_size=2).run([0, 1])
+    engine = HFEngine(model, ChatMLRenderer(tok, factory().parser))
+    trajs = Rollout(engine, factory, SamplingParams(max_tokens_per_turn=48, seed=0), max_episodes=2).run([0, 1])
     for traj in trajs:
         assert traj.stop_reason == StopReason.max_turns and not traj.success
         assert [t.outcome for t in traj.turns] == [TurnOutcome.invalid] * 3  # random text is never admissible

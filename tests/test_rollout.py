@@ -1,7 +1,9 @@
-"""Rollouts are token-exact: stored ids are what was sampled, and their logprobs reproduce."""
+"""Rollouts are token-exact (stored ids are what was sampled, and their logprobs reproduce), episodes
+progress independently, and the engine feeds every token once."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -12,8 +14,8 @@ from opd_agents import EnvLimits, Task, ToolEnv, tool
 from opd_agents.models import load_model
 from opd_agents.env.parsers import ParsedTurn, ToolCallParser
 from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.hf_engine import HFEngine
 from opd_agents.rollout.runner import Rollout
-from opd_agents.rollout.sampler import HFSampler
 from opd_agents.training.view import TrainingView
 from opd_agents.types import SamplingParams, StopReason, ToolCall, Trajectory
 
@@ -74,7 +76,7 @@ def make_rollout(model_dir: Any, limits: dict[str, Any], sampling: SamplingParam
     model, tok = load_model(model_dir)
     env_factory = lambda: EchoEnv(stop_strings=stop_strings, limits=limits)  # noqa: E731
     renderer = ChatMLRenderer(tok, env_factory().parser)
-    rollout = Rollout(HFSampler(model, renderer), env_factory, sampling, batch_size=batch_size)
+    rollout = Rollout(HFEngine(model, renderer), env_factory, sampling, max_episodes=batch_size)
     return rollout, model, renderer
 
 
@@ -131,26 +133,55 @@ def test_episode_limits_end_with_their_stop_reason(tiny_model_dir: Any, limits: 
             assert t.num_assistant_tokens <= 10
 
 
-def test_finished_episodes_leave_the_batch(tiny_model_dir: Any) -> None:
-    sizes: list[int] = []
+def test_engine_feeds_every_token_once(tiny_model_dir: Any) -> None:
+    """Each episode's KV cache is kept between turns: the engine runs exactly the ids of the episodes'
+    sequences (all but each last sampled token), no prefix twice, no padding decode for finished rows."""
+    turn_limits = iter([1, 2, 3, 4, 2, 3])
     rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 4}, SamplingParams(max_tokens_per_turn=48, seed=0))
-    original = rollout.sampler.sample_turn
-
-    def spy(batch: Any, chunks: Any, *args: Any, **kwargs: Any) -> Any:
-        sizes.append(len(chunks))
-        return original(batch, chunks, *args, **kwargs)
-
-    rollout.sampler.sample_turn = spy  # type: ignore[method-assign]
-    rollout.env_factory = lambda: EchoEnv(limits=EnvLimits(max_turns=4))  # noqa: E731
-    trajs = rollout.run([0, 1, 2, 3])
-    assert sizes == [4, 4, 4, 4]
-    # With a per-episode turn limit, episodes drop out while others continue.
-    sizes.clear()
-    turn_limits = iter([1, 2, 3, 4])
     rollout.env_factory = lambda: EchoEnv(limits=EnvLimits(max_turns=next(turn_limits)))
-    trajs = rollout.run([0, 1, 2, 3])
-    assert sizes == [4, 3, 2, 1]
-    assert [len(t.turns) for t in trajs] == [1, 2, 3, 4]
+    trajs = rollout.run([0, 1, 2, 3, 4, 5])
+    assert [len(t.turns) for t in trajs] == [1, 2, 3, 4, 2, 3]
+    engine = rollout.engine
+    assert isinstance(engine, HFEngine)
+    assert engine.tokens_fed == sum(len(TrainingView.from_trajectory(t).input_ids) - 1 for t in trajs)
+    rollout.close()
+    assert engine._sessions == {}  # every episode released its cache
+
+
+class SlowEchoEnv(EchoEnv):
+    """Seed 0's tool takes 0.6 s per call; the others answer at once."""
+
+    def step(self, action: Any) -> Any:
+        if self.task.seed == 0:
+            time.sleep(0.6)
+        result = super().step(action)
+        STEP_LOG.append((self.task.seed, time.perf_counter()))
+        return result
+
+
+STEP_LOG: list[tuple[int, float]] = []
+
+
+def test_episodes_do_not_wait_for_each_other(tiny_model_dir: Any) -> None:
+    """No turn barrier: while one episode's tool is slow, the others play all their turns."""
+    rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 3}, SamplingParams(max_tokens_per_turn=8, seed=0))
+    rollout.env_factory = lambda: SlowEchoEnv(limits=EnvLimits(max_turns=3))
+    STEP_LOG.clear()
+    trajs = rollout.run([0, 1, 2])
+    assert [len(t.turns) for t in trajs] == [3, 3, 3]
+    first_slow_step_done = min(t for seed, t in STEP_LOG if seed == 0)
+    fast_done = max(t for seed, t in STEP_LOG if seed != 0)
+    assert fast_done < first_slow_step_done
+
+
+def test_sampling_does_not_depend_on_the_batch(tiny_model_dir: Any) -> None:
+    """One RNG per request: the same seeds sample the same tokens alone or sharing the batch."""
+    runs = []
+    for max_episodes in (1, 3):
+        rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 2}, SamplingParams(max_tokens_per_turn=24, seed=3),
+                                     batch_size=max_episodes)
+        runs.append([[t.token_ids for t in tr.turns] for tr in rollout.run([5, 6, 7])])
+    assert runs[0] == runs[1]
 
 
 def test_seeded_sampling_is_reproducible(tiny_model_dir: Any) -> None:

@@ -24,7 +24,7 @@ from opd_agents.models import load_model
 from opd_agents.env.parsers import get_parser
 from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.rollout.runner import Rollout
-from opd_agents.rollout.sampler import HFSampler
+from opd_agents.rollout.hf_engine import HFEngine
 from opd_agents.teacher import (
     HFTeacher,
     ServerTeacher,
@@ -80,7 +80,7 @@ def trajs(tiny: tuple[Any, Any, ChatMLRenderer]) -> list[Trajectory]:
     """Multi-turn expert trajectories of different lengths + single-turn samples of the tiny model."""
     model, _, renderer = tiny
     expert = play_expert(LookupEnv, [0, 1, 2, 5], env_id="lookup", renderer=renderer)
-    rollout = Rollout(HFSampler(model, renderer), LookupEnv,
+    rollout = Rollout(HFEngine(model, renderer), LookupEnv,
                       sampling=SamplingParams(max_tokens_per_turn=12, seed=0), env_id="lookup")
     sampled = rollout.run([3, 4])
     rollout.close()

@@ -28,7 +28,7 @@ from opd_agents.models import build_tiny_model, load_model
 from opd_agents.env.parsers import get_parser
 from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.rollout.runner import Rollout
-from opd_agents.rollout.sampler import HFSampler
+from opd_agents.rollout.hf_engine import HFEngine
 from opd_agents.teacher import HFTeacher, ServerTeacher, TeacherScores, wait_for_server
 from opd_agents.types import SamplingParams, Trajectory
 from tests.test_teacher import LookupEnv, reference_of
@@ -58,7 +58,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: P
 def setup(model_dir: Path) -> tuple[HFTeacher, ChatMLRenderer, list[Trajectory]]:
     model, tok = load_model(model_dir)
     renderer = ChatMLRenderer(tok, get_parser("hermes"))
-    rollout = Rollout(HFSampler(model, renderer), LookupEnv, sampling=SamplingParams(max_tokens_per_turn=24, seed=1))
+    rollout = Rollout(HFEngine(model, renderer), LookupEnv, sampling=SamplingParams(max_tokens_per_turn=24, seed=1))
     trajs = play_expert(LookupEnv, [0, 1, 2, 5], renderer=renderer) + rollout.run([3, 4, 6])
     rollout.close()
     return HFTeacher(model, tok), renderer, trajs

@@ -55,8 +55,11 @@ def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     {"loss.kind": "forward_kl", "loss.top_k": 8, "loss.tail": "bucket"},
     {"loss.kind": "reverse_kl", "loss.outcome_coef": 1.0, "train.group_size": 2},
 ])
-def test_every_loss_trains_and_updates_the_student(tmp_path: Path, tiny_model_dir: Path, loss: dict[str, Any]) -> None:
-    trainer = Trainer(tiny_cfg(tmp_path, tiny_model_dir, **loss))
+def test_every_loss_trains_and_updates_the_student(tmp_path: Path, tiny_model_dir: Path, tiny_teacher_dir: Path,
+                                                   loss: dict[str, Any]) -> None:
+    # A teacher that differs from the student: with the student's own weights every distillation
+    # gradient is exactly zero.
+    trainer = Trainer(tiny_cfg(tmp_path, tiny_model_dir, **{"teacher.model": str(tiny_teacher_dir), **loss}))
     before = params(trainer.student)
     summary = trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -92,8 +95,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, tiny
     assert train_seeds(tmp_path / "a" / "run")[4:] == step_seeds(0, 3, 2)
 
 
-def test_lora_trains_only_the_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
-    trainer = Trainer(tiny_cfg(tmp_path, tiny_model_dir, **{"student.lora": {"r": 4, "alpha": 8}}))
+def test_lora_trains_only_the_adapter(tmp_path: Path, tiny_model_dir: Path, tiny_teacher_dir: Path) -> None:
+    trainer = Trainer(tiny_cfg(tmp_path, tiny_model_dir, **{"student.lora": {"r": 4, "alpha": 8},
+                                                             "teacher.model": str(tiny_teacher_dir)}))
     before = params(trainer.student)
     trainer.train()
     after = params(trainer.student)
@@ -262,3 +266,26 @@ def test_online_teacher_keeps_the_topk_a_policy_reads(tmp_path: Path, tiny_model
     assert row["teacher_tokens"] == 0 and row["teacher_tokens_rollout"] > 0
     assert 0.0 < row["div/policy/topk_drift/mean_weight"] < 1.0
     assert row["div/policy/rollout_truncation/stop_share"] == 0.0
+
+
+def test_engine_trainer_mismatch_is_measured_and_tis_weights_tokens(tmp_path: Path, tiny_model_dir: Path,
+                                                                    tiny_teacher_dir: Path) -> None:
+    """Every on-policy step reports |log pi_trainer - log pi_engine| over the sampled tokens; with the HF
+    engine (same weights, other batch shapes) it is floating-point noise, so truncated importance sampling
+    (weights min(ratio, cap) ~ 1) leaves the loss as it was."""
+    rows = {}
+    for name, extra in (("plain", {}), ("tis", {"loss.tis_cap": 2.0})):
+        Trainer(tiny_cfg(tmp_path / name, tiny_model_dir, **{"teacher.model": str(tiny_teacher_dir),
+                                                              "train.steps": 1, **extra})).train()
+        rows[name] = json.loads((tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    plain, tis = rows["plain"], rows["tis"]
+    assert 0.0 <= plain["mismatch/mean_abs"] <= plain["mismatch/p99"] <= plain["mismatch/max"] < 1e-4
+    assert tis["loss"] == pytest.approx(plain["loss"], rel=1e-3, abs=1e-6)
+
+
+def test_tis_needs_untempered_sampling_and_engines_are_checked(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="tis_cap .* sampling_temperature = 1.0"):
+        tiny_cfg(tmp_path, tiny_model_dir, **{"loss.tis_cap": 2.0, "sampling_temperature": 0.7})
+    with pytest.raises(ConfigError, match="unknown rollout engine 'sglang'; known: hf, vllm"):
+        Trainer(tiny_cfg(tmp_path, tiny_model_dir, **{"rollout.engine": "sglang"}))
+    assert not (tmp_path / "run").exists()  # refused before any work

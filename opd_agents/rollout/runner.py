@@ -1,25 +1,29 @@
-"""The token adapter: plays message-level envs with a token-level sampler and records trajectories.
+"""The token adapter: plays message-level envs through a sampling engine and records trajectories.
 
-Per turn, every active episode samples in one batch; the sampled ids are stored verbatim, the env turns
-the decoded text into tool results, and only the new observation messages are tokenized. Token budgets
-(per turn, per episode, context window) are enforced here, because the env only sees text.
+Every episode runs on its own: it sends its sequence so far to the engine, stores the sampled ids verbatim,
+lets the env turn the decoded text into tool results (in a worker thread, so tools run while other
+episodes generate), tokenizes only the new observation messages and asks for its next turn at once. There
+is no turn barrier: the engine batches whichever episodes are waiting. Token budgets (per turn, per
+episode, context window) are enforced here, because the env only sees text.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from opd_agents.env.core import ToolEnv
 from opd_agents.env.registry import make_env
+from opd_agents.rollout.engine import Completion, CompletionRequest, SamplingEngine
 from opd_agents.rollout.renderer import ChatMLRenderer
-from opd_agents.rollout.sampler import HFSampler, TurnSample
 from opd_agents.types import Message, SamplingParams, StopReason, Trajectory, Turn
 
 if TYPE_CHECKING:
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
 # Called after each turn is recorded; returning a StopReason ends the episode there (rollout-time
 # truncation policies plug in here).
 TurnHook = Callable[[Trajectory, Turn], StopReason | None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -35,7 +40,7 @@ class _Episode:
     env: ToolEnv
     traj: Trajectory
     length: int  # tokens in the sequence so far (prompt + turns + observations)
-    prompt: list[int] = field(default_factory=list)  # what the sampler is fed first
+    prompt: list[int] = field(default_factory=list)  # what the engine is fed first
     generated: int = 0
     done: bool = False
 
@@ -72,16 +77,42 @@ def record_step(traj: Trajectory, turn: Turn, reward: float, info: dict[str, Any
         traj.success = bool(info.get("success", False))
 
 
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion from sync code, also when the caller's thread already runs an event
+    loop (a notebook): then it runs on a fresh loop in a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            box.append(asyncio.run(coro))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return box[0]
+
+
 class Rollout:
-    """Plays episodes of one environment with an HF sampler; ``run(seeds)`` returns trajectories."""
+    """Plays episodes of one environment through a sampling engine; ``run(seeds)`` returns trajectories
+    in the order of ``seeds``. ``max_episodes``: episodes in flight at once (a finished one frees its place
+    for the next seed at once)."""
 
     def __init__(
         self,
-        sampler: HFSampler,
+        engine: SamplingEngine,
         env_factory: Callable[[], ToolEnv],
         sampling: SamplingParams | None = None,
         model_id: str = "",
-        batch_size: int = 16,
+        max_episodes: int = 16,
         turn_hook: TurnHook | None = None,
         env_id: str | None = None,
         sampling_prompt: Callable[[Trajectory], list[int]] | None = None,
@@ -91,42 +122,62 @@ class Rollout:
         teacher playing the task sees extra context; the trajectory keeps the plain prompt, so it can be
         trained on off-policy). ``online_teacher``: scores every turn as it is sampled (rollout-time
         truncation on divergence reads ``turn.divergence`` in ``turn_hook``)."""
+        if max_episodes < 1:
+            raise ValueError(f"max_episodes must be >= 1, got {max_episodes}")
         self.online_teacher = online_teacher
-        self.sampler = sampler
-        self.renderer: ChatMLRenderer = sampler.renderer
+        self.engine = engine
+        self.renderer: ChatMLRenderer = engine.renderer
         self.env_factory = env_factory
         self.sampling = sampling or SamplingParams()
         self.model_id = model_id
-        self.batch_size = batch_size
+        self.max_episodes = max_episodes
         self.turn_hook = turn_hook
         self.env_id = env_id or "custom"
         self.sampling_prompt = sampling_prompt
-        self._generator = torch.Generator()
-        if self.sampling.seed is not None:
-            self._generator.manual_seed(self.sampling.seed)
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="opd-env")
+        self._seed = self.sampling.seed
 
     @classmethod
-    def for_env(cls, env_id: str, sampler: HFSampler, env_kwargs: dict[str, Any] | None = None,
+    def for_env(cls, env_id: str, engine: SamplingEngine, env_kwargs: dict[str, Any] | None = None,
                 **kwargs: Any) -> Rollout:
-        return cls(sampler, lambda: make_env(env_id, **(env_kwargs or {})).unwrapped, env_id=env_id, **kwargs)
+        return cls(engine, lambda: make_env(env_id, **(env_kwargs or {})).unwrapped, env_id=env_id, **kwargs)
 
     def reseed(self, seed: int) -> None:
-        """Restart the sampling RNG (the trainer reseeds per step so a resumed run samples identically)."""
-        self._generator.manual_seed(seed)
+        """Restart sampling from ``seed`` (the trainer reseeds per step so a resumed run samples identically)."""
+        self._seed = seed
 
     def run(self, seeds: Sequence[int], progress: bool = False) -> list[Trajectory]:
-        out: list[Trajectory] = []
+        return run_sync(self.arun(seeds, progress))
+
+    async def arun(self, seeds: Sequence[int], progress: bool = False) -> list[Trajectory]:
+        t0 = time.perf_counter()
+        slots = asyncio.Semaphore(self.max_episodes)
+        done: list[Trajectory] = []
         with Progress(TextColumn("rollout"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[status]}"), disable=not progress, transient=False) as bar:
             task = bar.add_task("episodes", total=len(seeds), status="")
-            for start in range(0, len(seeds), self.batch_size):
-                out.extend(self._run_batch(seeds[start : start + self.batch_size]))
-                ok = sum(t.success for t in out)
-                bar.update(task, completed=len(out), status=f"success {ok}/{len(out)}")
-        return out
 
-    # ---- one batch of episodes --------------------------------------------------------------------
+            async def one(position: int, seed: int) -> Trajectory:
+                async with slots:
+                    traj = await self._play(position, seed)
+                done.append(traj)
+                bar.update(task, completed=len(done), status=f"success {sum(t.success for t in done)}/{len(done)}")
+                return traj
+
+            with ThreadPoolExecutor(max_workers=8, thread_name_prefix="opd-env") as self._pool:  # env steps
+                trajs = list(await asyncio.gather(*(one(i, s) for i, s in enumerate(seeds))))
+        wall = time.perf_counter() - t0
+        for traj in trajs:
+            traj.metrics["rollout_wall_s"] = wall
+        return trajs
+
+    # ---- one episode ------------------------------------------------------------------------------
+    def _request_seed(self, position: int, episode_seed: int, turn: int) -> int | None:
+        """Per (run seed, place in ``seeds``, task seed, turn): the same request samples the same way
+        whatever else is in the engine's batch; repeated task seeds (group sampling) differ."""
+        if self._seed is None:
+            return None
+        return int(np.random.SeedSequence([self._seed, position, episode_seed, turn]).generate_state(1)[0])
+
     def _start(self, seed: int) -> _Episode:
         env = self.env_factory()
         traj = open_trajectory(env, seed, self.env_id, self.model_id, self.renderer, sampling=self.sampling)
@@ -138,40 +189,33 @@ class Rollout:
             self._end(ep, StopReason.context_overflow, truncated=True)
         return ep
 
-    def _run_batch(self, seeds: Sequence[int]) -> list[Trajectory]:
-        t0 = time.perf_counter()
-        episodes = [self._start(s) for s in seeds]
-        active = [ep for ep in episodes if not ep.done]
-        chunks = [ep.prompt for ep in active]
-        batch = self.sampler.new_batch()
-        online = self.online_teacher
-        if online is not None:
-            online.begin([ep.traj for ep in active])
-        while active:
-            budgets = [_token_budget(ep, self.sampling) for ep in active]
-            samples = self.sampler.sample_turn(
-                batch, chunks, [b for b, _ in budgets], self.sampling.temperature, self.sampling.top_p,
-                self._generator,
-            )
-            teacher_lps = online.score([s.token_ids for s in samples]) if online else [None] * len(samples)
-            steps = list(self._pool.map(self._step, active, samples, [r for _, r in budgets], teacher_lps))
-            keep, chunks = [], []
-            for row, (ep, obs_ids) in enumerate(zip(active, steps, strict=True)):
-                if not ep.done:
-                    keep.append(row)
-                    chunks.append(obs_ids)
-            active = [active[r] for r in keep]
-            if active:
-                batch.keep(keep)
+    async def _play(self, position: int, seed: int) -> Trajectory:
+        loop = asyncio.get_running_loop()
+        ep = await loop.run_in_executor(self._pool, self._start, seed)  # reset may build the task (slow)
+        traj, online = ep.traj, self.online_teacher
+        ids = list(ep.prompt)
+        teacher_ids = list(online.prompt_ids(traj)) if online is not None else []
+        try:
+            while not ep.done:
+                budget, reason = _token_budget(ep, self.sampling)
+                completion = await self.engine.complete(CompletionRequest(
+                    prompt_ids=ids, max_tokens=budget, temperature=self.sampling.temperature,
+                    top_p=self.sampling.top_p, seed=self._request_seed(position, seed, len(traj.turns)),
+                    session=traj.id))
+                teacher_lps = None
                 if online is not None:
-                    online.keep(keep)
-                    online.observe(chunks)
-        wall = time.perf_counter() - t0
-        for ep in episodes:
-            ep.traj.metrics["batch_wall_s"] = wall
-        return [ep.traj for ep in episodes]
+                    teacher_ids += completion.token_ids
+                    teacher_lps = await online.score_turn(traj.id, teacher_ids, len(completion.token_ids))
+                obs_ids = await loop.run_in_executor(self._pool, self._step, ep, completion, reason, teacher_lps)
+                ids += completion.token_ids + obs_ids
+                teacher_ids += obs_ids
+        finally:
+            self.engine.release(traj.id)
+            if online is not None:
+                online.release(traj.id)
+        return traj
 
-    def _step(self, ep: _Episode, sample: TurnSample, budget_reason: StopReason,
+    def _step(self, ep: _Episode, sample: Completion, budget_reason: StopReason,
               teacher_logprobs: list[float] | None = None) -> list[int]:
         """Record one sampled turn, run the env on it; return the observation ids to feed next."""
         traj = ep.traj
@@ -212,4 +256,7 @@ class Rollout:
         ep.traj.messages = list(ep.env.history)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        """Stop the engine's worker (and the online teacher's); a later ``run`` starts them again."""
+        self.engine.close()
+        if self.online_teacher is not None:
+            self.online_teacher.close()

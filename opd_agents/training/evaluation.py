@@ -17,7 +17,7 @@ from opd_agents.env.expert import play_expert
 from opd_agents.training.policy import assistant_batch
 from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.rollout.runner import Rollout
-from opd_agents.rollout.sampler import HFSampler
+from opd_agents.rollout.hf_engine import HFEngine
 from opd_agents.analysis.stats import summarize
 from opd_agents.store import TrajectoryWriter
 from opd_agents.teacher import PrivilegedFn, Teacher, TeacherView
@@ -63,11 +63,16 @@ class Evaluator:
         self.teacher_view = TeacherView(renderer, privileged) if privileged else None
         self.eval_path = Path(cfg.run_dir) / "eval_trajectories.jsonl"
 
-    def _rollout(self, model: PreTrainedModel, temperature: float, privileged: bool, seed: int) -> Rollout:
+    def _play(self, model: PreTrainedModel, seeds: Sequence[int], temperature: float, privileged: bool,
+              seed: int) -> list[Trajectory]:
         sampling = SamplingParams(temperature=temperature, max_tokens_per_turn=self.cfg.max_tokens_per_turn, seed=seed)
         prompt = self.teacher_view.prompt_ids if (privileged and self.teacher_view) else None
-        return Rollout(HFSampler(model, self.renderer), self.env_factory, sampling, model_id=str(model.name_or_path),
-                       env_id=self.cfg.env.id, batch_size=32, sampling_prompt=prompt)
+        rollout = Rollout(HFEngine(model, self.renderer), self.env_factory, sampling, model_id=str(model.name_or_path),
+                          env_id=self.cfg.env.id, max_episodes=32, sampling_prompt=prompt)
+        try:
+            return rollout.run(seeds)
+        finally:
+            rollout.close()
 
     @staticmethod
     def summary(trajs: Sequence[Trajectory]) -> dict[str, float]:
@@ -78,7 +83,7 @@ class Evaluator:
                  privileged: bool = False) -> dict[str, float]:
         """Success, reward, tool-error rate and turns on the held-out seeds (the same seeds every time)."""
         seeds = heldout_seeds(episodes or self.cfg.eval.episodes)
-        trajs = self._rollout(model, self.cfg.eval.temperature, privileged, self.cfg.seed).run(seeds)
+        trajs = self._play(model, seeds, self.cfg.eval.temperature, privileged, self.cfg.seed)
         with TrajectoryWriter(self.eval_path) as w:
             for t in trajs:
                 t.metrics["eval_of_" + who] = 1.0
@@ -89,7 +94,7 @@ class Evaluator:
         model = getattr(teacher, "model", None)
         if model is None:
             raise OpdError("teacher-played trajectories need an in-process (hf) teacher")
-        return self._rollout(model, self.cfg.sampling_temperature, True, seed).run(seeds)
+        return self._play(model, seeds, self.cfg.sampling_temperature, True, seed)
 
     def off_policy_trajectories(self, seeds: Sequence[int], teacher: Teacher, source: str) -> list[Trajectory]:
         """GKD's (1 - lambda) batches: the scripted expert's or the teacher's own trajectories."""

@@ -16,12 +16,17 @@ from opd_agents.config import EnvConfig, RunConfig
 from opd_agents.errors import ConfigError, OpdError
 from opd_agents.models import check_model, tokenizer_dir
 from opd_agents.env.registry import make_env, resolve_env_id
+from opd_agents.rollout.engine import check_engine
 from opd_agents.teacher import ServerTeacher, make_teacher
 
 
 def preflight(cfg: RunConfig) -> None:
     """Raise an OpdError naming the first problem of ``cfg`` that shows before any work."""
     check_env(cfg.env)
+    check_engine(cfg.rollout.engine)
+    if cfg.rollout.engine == "vllm" and cfg.student.lora is not None:
+        raise ConfigError("rollout.engine=vllm cannot load a LoRA student's weights yet: use rollout.engine=hf "
+                          "with student.lora")
     check_teacher_settings(cfg)
     check_model(cfg.student.model)
     if cfg.teacher.backend == "server":

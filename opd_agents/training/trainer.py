@@ -39,7 +39,7 @@ from opd_agents.env.registry import make_env
 from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.training.rock_tokens import RockTokenMonitor
 from opd_agents.rollout.runner import Rollout
-from opd_agents.rollout.sampler import HFSampler
+from opd_agents.rollout.engine import make_engine
 from opd_agents.training.components import build_teacher, load_student, load_weights, pick_device, privileged_reference
 from opd_agents.store import TrajectoryWriter
 from opd_agents.teacher import TeacherScores, apply_scores
@@ -83,8 +83,9 @@ class Trainer:
                           else self.renderer.im_end_id)
         self.sampling = SamplingParams(temperature=cfg.sampling_temperature,
                                        max_tokens_per_turn=cfg.max_tokens_per_turn, seed=cfg.seed)
-        self.rollout = Rollout(HFSampler(self.student, self.renderer), self.env_factory, self.sampling,
-                               model_id=cfg.student.model, env_id=cfg.env.id, batch_size=32)
+        self.rollout = Rollout(make_engine(cfg.rollout.engine, model=self.student, renderer=self.renderer),
+                               self.env_factory, self.sampling, model_id=cfg.student.model, env_id=cfg.env.id,
+                               max_episodes=cfg.rollout.max_episodes)
         self.privileged = privileged_reference(self.env_factory) if cfg.teacher.privileged else None
         self.teacher = build_teacher(cfg, self.env_factory, self.tokenizer, self.renderer, self.privileged,
                                      self.device, self.console)
@@ -102,6 +103,7 @@ class Trainer:
         self._teacher_rows: dict[str, torch.Tensor] = {}  # this step's full teacher logits per trajectory
         self._token_factors: dict[str, list[float]] = {}  # this step's per-token policy factors per trajectory
         self._online_topk: dict[str, list[list[list[int]]]] = {}  # this step's teacher top-k ids from the rollout
+        self._mismatch: list[torch.Tensor] = []  # this step's |log pi_trainer - log pi_engine| per sampled token
 
     def _setup_rollout_policies(self) -> None:
         """Rollout-time policies end episodes from the rollout's turn hook; those that read the teacher
@@ -114,7 +116,7 @@ class Trainer:
             if model is None:
                 raise OpdError("a rollout-time divergence policy on d_k needs an in-process (hf) teacher")
             # Full-vocabulary losses take the online pass's logits too: the teacher reads each token once.
-            self.rollout.online_teacher = OnlineTeacher(model, self.pad_id, self.teacher.view.prompt_ids,
+            self.rollout.online_teacher = OnlineTeacher(model, self.renderer, self.teacher.view.prompt_ids,
                                                         keep_logits=self._uses_full_teacher_logits(on_policy=True),
                                                         keep_topk=self.policies.top_k)
 
@@ -128,6 +130,7 @@ class Trainer:
         if cut:  # records of steps after the checkpoint: they are redone, and logged again
             self.console.print("cut back to the checkpoint: " + ", ".join(f"{n} bytes of {k}" for k, n in cut.items()))
         load_weights(self.student, ckpt / "model")
+        self.rollout.engine.load_weights(self.student)
         state = load_trainer_state(ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -153,6 +156,17 @@ class Trainer:
                 self.metrics.write({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
                 self._check_teacher_strength(before["success_rate"])
         writer = TrajectoryWriter(self.run_dir / "trajectories.jsonl")
+        try:
+            self._loop(last, writer)
+        finally:
+            writer.close()
+            self.rollout.close()
+        self.summary["wall_s"] = self.summary.get("wall_s", 0.0) + time.perf_counter() - t_start
+        (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=1))
+        return self.summary
+
+    def _loop(self, last: int, writer: TrajectoryWriter) -> None:
+        cfg = self.cfg
         with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[live]}"), console=self.console) as bar:
             task = bar.add_task("steps", total=cfg.train.steps, completed=self.start_step, live="")
@@ -173,10 +187,6 @@ class Trainer:
                 if "eval/success_rate" in row:
                     live += f" heldout {row['eval/success_rate']:.2f}"
                 bar.update(task, completed=step, live=live)
-        writer.close()
-        self.summary["wall_s"] = self.summary.get("wall_s", 0.0) + time.perf_counter() - t_start
-        (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=1))
-        return self.summary
 
     def _clear_previous_run(self) -> None:
         """A new run (not --resume) in a used run dir replaces the earlier run's outputs instead of mixing
@@ -260,12 +270,17 @@ class Trainer:
             for k, v in out.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v * share
         self._teacher_rows, self._token_factors, self._online_topk = {}, {}, {}
+        mismatch = torch.cat(self._mismatch) if self._mismatch else torch.empty(0)
+        self._mismatch = []
+        mismatch_metrics = {"mismatch/mean_abs": float(mismatch.mean()), "mismatch/p99": float(mismatch.quantile(0.99)),
+                            "mismatch/max": float(mismatch.max())} if mismatch.numel() else {}
         aux_loss = self._aux_loss(aux) if aux else 0.0
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), tc.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.student.eval()
+        self.rollout.engine.load_weights(self.student)  # the next rollout samples with the new weights
         for t in trajs:
             writer.write(t)
         roll = self.evaluator.summary(trajs)
@@ -273,7 +288,7 @@ class Trainer:
             "step": step, "on_policy": on_policy, "loss": total_loss, "aux_loss": aux_loss,
             "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
             **{f"loss/{k}": v for k, v in agg.items()}, **{f"rollout/{k}": v for k, v in roll.items()},
-            **div_metrics, **rock_metrics,
+            **div_metrics, **rock_metrics, **mismatch_metrics,
             "teacher_tokens": teacher_tokens, "teacher_tokens_rollout": online_tokens,
             "trajectory_tokens": sum(t.num_tokens for t in trajs), "student_tokens": n_tokens,
             "time/rollout_s": t_roll - t0, "time/teacher_s": t_div - t_roll, "time/telemetry_s": t_telemetry - t_div,
@@ -357,10 +372,19 @@ class Trainer:
         if off_policy_sft:  # expert data, or teacher samples without teacher distributions: plain SFT
             nll = cross_entropy(batch)
             return LossOutput(nll, {"nll": nll.item()})
+        if on_policy and self.cfg.sampling_temperature == 1.0:  # engine vs trainer numerics, same weights
+            self._mismatch.append((batch.logprobs.detach() - batch.sampling_logprobs)[batch.mask > 0].abs().cpu())
         if lc.kind == "reverse_kl" and on_policy:
             adv = advantages.to(batch.mask.device) if advantages is not None else None
-            return reverse_kl_pg_loss(batch.logprobs, batch.sampling_logprobs, batch.teacher_logprobs, batch.mask,
-                                      batch.weights, clip_eps=lc.clip_eps, coef=lc.kl_coef, outcome_advantages=adv)
+            # One update per batch: the sampling policy is the current student, so the trainer's own
+            # logprobs are pi_old (ratio 1, the exact on-policy gradient); the engine's recorded ones differ
+            # by numerics only (batch shapes, another engine), which tis_cap corrects for when asked.
+            old = batch.logprobs.detach()
+            weights = batch.weights
+            if lc.tis_cap is not None:
+                weights = weights * torch.exp(old - batch.sampling_logprobs).clamp(max=lc.tis_cap)
+            return reverse_kl_pg_loss(batch.logprobs, old, batch.teacher_logprobs, batch.mask,
+                                      weights, clip_eps=lc.clip_eps, coef=lc.kl_coef, outcome_advantages=adv)
         beta = 0.0 if lc.kind == "forward_kl" else (1.0 if lc.kind == "reverse_kl" else lc.beta)
         if lc.top_k:
             ids, lps = self._topk_tensors(micro, topk, batch)

@@ -1,0 +1,254 @@
+"""The transformers engine: continuous batching over per-episode KV caches, in one worker thread.
+
+Requests arrive from many episodes at any time. Each loop of the worker (1) admits the waiting requests:
+their cached sessions (the episode's KV from earlier turns) are merged into one batch, only the new ids
+(the observation after the last turn, or a fresh prompt) are prefilled, and the first token is sampled;
+(2) decodes one token for every running row. A row that stops leaves the batch at once (no pad decoding)
+and its cache is kept, dense, as the episode's session until the next request for it, so a waiting episode
+costs no compute while its tool runs. Sampling uses one RNG per request, so what a request samples does
+not depend on what else shares the batch (up to floating-point differences between batch shapes).
+
+The same worker also scores: a ``ScoreRequest`` prefills an episode's new ids and returns log pi of its
+last ``n_scored`` tokens (the online teacher scores each turn this way, reusing the teacher's cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from opd_agents.rollout.engine import Completion, CompletionRequest, Finish, register_engine
+from opd_agents.rollout.kv import KVBatch, KVSession
+from opd_agents.rollout.renderer import ChatMLRenderer
+
+_STOP_TAIL_TOKENS = 8  # how many trailing tokens are decoded to look for a stop string
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    ids: list[int]  # the whole sequence so far; its last ``n_scored`` ids are scored
+    n_scored: int
+    session: str | None = None
+    keep_logits: bool = False  # also return the fp32 logits at the scored positions [n, V]
+    keep_topk: int = 0  # also return the top-k ids at the scored positions
+
+
+@dataclass
+class Scores:
+    logprobs: list[float]
+    logits: torch.Tensor | None = None
+    topk: list[list[int]] | None = None
+
+
+@dataclass
+class _Work:
+    request: CompletionRequest | ScoreRequest
+    future: Future[Completion | Scores]
+    generator: torch.Generator | None = None
+    sampled: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+_CLOSE = object()
+
+
+class HFEngine:
+    """A transformers causal LM behind the engine protocol (``SamplingEngine``) plus ``score``."""
+
+    def __init__(self, model: PreTrainedModel, renderer: ChatMLRenderer, max_rows: int = 64) -> None:
+        self.model = model.eval()
+        self.renderer = renderer
+        tok = renderer.tokenizer
+        self.pad_token_id = int(tok.pad_token_id if tok.pad_token_id is not None else renderer.im_end_id)
+        self.stop_ids = set(renderer.stop_token_ids)
+        self.max_rows = max_rows
+        self.tokens_fed = 0  # ids run through the model (prefill + decode): what the cache saved shows here
+        self._queue: queue.Queue[_Work | object] = queue.Queue()
+        self._sessions: dict[str, KVSession] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # ---- protocol ---------------------------------------------------------------------------------
+    async def complete(self, request: CompletionRequest) -> Completion:
+        generator = None
+        if request.temperature > 0 and request.seed is not None:
+            generator = torch.Generator().manual_seed(request.seed)
+        result = await asyncio.wrap_future(self._submit(_Work(request, Future(), generator)))
+        assert isinstance(result, Completion)
+        return result
+
+    async def score(self, request: ScoreRequest) -> Scores:
+        if not 0 < request.n_scored < len(request.ids):
+            raise ValueError(f"n_scored must be in 1..{len(request.ids) - 1}, got {request.n_scored}")
+        result = await asyncio.wrap_future(self._submit(_Work(request, Future())))
+        assert isinstance(result, Scores)
+        return result
+
+    def release(self, session: str) -> None:
+        with self._lock:
+            self._sessions.pop(session, None)
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """The engine runs ``model`` itself: nothing to copy, but cached sessions hold old activations."""
+        if model is not self.model:
+            raise ValueError("HFEngine samples with the module it was built with; build a new engine for another")
+        with self._lock:
+            self._sessions.clear()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_CLOSE)
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            self._sessions.clear()
+
+    def _submit(self, work: _Work) -> Future[Completion | Scores]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="opd-hf-engine", daemon=True)
+            self._thread.start()
+        self._queue.put(work)
+        return work.future
+
+    # ---- worker -----------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        torch.set_grad_enabled(False)  # grad mode is per thread
+        running = KVBatch(self.model, self.pad_token_id)
+        works: list[_Work] = []
+        while True:
+            new: list[_Work] = []
+            try:
+                while len(works) + len(new) < self.max_rows:
+                    item = self._queue.get(block=not (works or new))
+                    if item is _CLOSE:
+                        self._fail(works + new, RuntimeError("engine closed"))
+                        return
+                    new.append(item)  # type: ignore[arg-type]
+            except queue.Empty:
+                pass
+            try:
+                if new:
+                    running, works = self._admit(new, running, works)
+                if works:
+                    running, works = self._decode(running, works)
+            except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the engine
+                self._fail(works + new, e)
+                running, works = KVBatch(self.model, self.pad_token_id), []
+
+    @staticmethod
+    def _fail(works: list[_Work], error: BaseException) -> None:
+        for w in works:
+            if not w.future.done():
+                w.future.set_exception(error)
+
+    def _resume(self, work: _Work) -> tuple[KVSession | None, list[int]]:
+        """The request's cached session (cropped to what still matches) and the ids left to feed."""
+        req = work.request
+        ids = req.prompt_ids if isinstance(req, CompletionRequest) else req.ids
+        need = 1 if isinstance(req, CompletionRequest) else req.n_scored + 1  # positions whose logits we read
+        with self._lock:
+            session = self._sessions.pop(req.session, None) if req.session else None
+        if session is None:
+            return None, list(ids)
+        n = 0
+        limit = min(len(session.tokens), len(ids) - need)
+        while n < limit and session.tokens[n] == ids[n]:
+            n += 1
+        return (session.crop(n) if n < len(session.tokens) else session), list(ids[n:])
+
+    def _keep_session(self, work: _Work, batch: KVBatch, row: int) -> None:
+        if work.request.session:
+            session = batch.session(row)
+            with self._lock:
+                self._sessions[work.request.session] = session
+
+    def _admit(self, new: list[_Work], running: KVBatch, works: list[_Work]) -> tuple[KVBatch, list[_Work]]:
+        resumed = [self._resume(w) for w in new]
+        batch = KVBatch.from_sessions(self.model, self.pad_token_id, [s for s, _ in resumed])
+        suffixes = [ids for _, ids in resumed]
+        keep_last = max(w.request.n_scored + 1 if isinstance(w.request, ScoreRequest) else 1 for w in new)
+        self.tokens_fed += sum(len(s) for s in suffixes)
+        logits = batch.extend(suffixes, keep_last=keep_last)  # [n, keep_last, V]
+        still: list[int] = []
+        for row, work in enumerate(new):
+            req = work.request
+            if isinstance(req, ScoreRequest):
+                work.future.set_result(self._scores(logits[row, -req.n_scored - 1 : -1], req))
+                self._keep_session(work, batch, row)
+            elif self._advance(work, logits[row, -1]):
+                self._keep_session(work, batch, row)
+            else:
+                still.append(row)
+        batch.keep(still)
+        running.absorb(batch)
+        return running, works + [new[r] for r in still]
+
+    def _decode(self, running: KVBatch, works: list[_Work]) -> tuple[KVBatch, list[_Work]]:
+        self.tokens_fed += len(works)
+        logits = running.extend([[w.sampled[-1]] for w in works])[:, -1]
+        still = []
+        for row, work in enumerate(works):
+            if self._advance(work, logits[row]):
+                self._keep_session(work, running, row)
+            else:
+                still.append(row)
+        running.keep(still)
+        return running, [works[r] for r in still]
+
+    def _advance(self, work: _Work, logits: torch.Tensor) -> bool:
+        """Sample the request's next token from ``logits`` [V]; True (and the future resolved) if it stopped."""
+        req = work.request
+        assert isinstance(req, CompletionRequest)
+        scaled = torch.log_softmax(logits / req.temperature if req.temperature > 0 else logits, dim=-1)
+        if req.temperature == 0:
+            token = int(scaled.argmax())
+        else:
+            probs = scaled.exp()
+            if req.top_p < 1.0:
+                probs = _top_p_filter(probs, req.top_p)
+            token = int(torch.multinomial(probs, 1, generator=work.generator))
+        work.sampled.append(token)
+        work.logprobs.append(float(scaled[token]))
+        finish: Finish | None = None
+        if token in self.stop_ids:
+            finish = "stop"
+        elif self._is_tool_stop(work.sampled):
+            finish = "tool_call"
+        elif len(work.sampled) >= req.max_tokens:
+            finish = "length"
+        if finish is not None:
+            work.future.set_result(Completion(work.sampled, work.logprobs, finish))
+        return finish is not None
+
+    def _is_tool_stop(self, ids: list[int]) -> bool:
+        stops = self.renderer.stop_strings
+        if not stops:
+            return False
+        tail = self.renderer.tokenizer.decode(ids[-_STOP_TAIL_TOKENS:]).rstrip()
+        return any(tail.endswith(s) for s in stops)
+
+    @staticmethod
+    def _scores(logits: torch.Tensor, req: ScoreRequest) -> Scores:
+        targets = torch.tensor(req.ids[-req.n_scored:], dtype=torch.long, device=logits.device)
+        logp = torch.log_softmax(logits, dim=-1)
+        return Scores(logp.gather(1, targets[:, None]).squeeze(1).tolist(),
+                      logits.clone() if req.keep_logits else None,
+                      logits.topk(req.keep_topk, dim=-1).indices.tolist() if req.keep_topk else None)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+
+
+@register_engine("hf")
+def _hf_engine(model: PreTrainedModel, renderer: ChatMLRenderer, max_rows: int = 64) -> HFEngine:
+    return HFEngine(model, renderer, max_rows)

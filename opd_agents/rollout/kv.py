@@ -1,0 +1,155 @@
+"""KV caches of many token sequences: one batch that grows chunk by chunk, and dense per-sequence sessions.
+
+A ``KVBatch`` holds the rows the engine is working on in one ``DynamicCache``. Each call feeds one chunk
+per row, left-padded to a rectangle; padding can sit anywhere in the cache, the 2-D attention mask hides
+it and explicit position ids keep RoPE positions contiguous per row, so a row's logits equal an unpadded
+forward pass over its own ids. Rows leave (``keep``), are cut out as dense ``KVSession``s (their padding
+dropped) while their episode waits for a tool, and come back merged with other rows (``from_sessions``,
+``absorb``): that is what lets an engine batch whichever episodes are waiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass
+class KVSession:
+    """One sequence's cache without padding: ``keys[l]`` / ``values[l]`` are [1, H, len(tokens), D]."""
+
+    tokens: list[int]  # the ids whose keys/values are cached, in order (positions 0..n-1)
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    def crop(self, n: int) -> KVSession:
+        """The first ``n`` cached positions only (to re-feed a suffix whose logits are needed)."""
+        return KVSession(self.tokens[:n], [k[:, :, :n] for k in self.keys], [v[:, :, :n] for v in self.values])
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+class KVBatch:
+    """A batch of token sequences that grows chunk by chunk over one DynamicCache."""
+
+    def __init__(self, model: PreTrainedModel, pad_token_id: int) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.pad_token_id = pad_token_id
+        self.cache = DynamicCache()
+        self.mask = torch.zeros((0, 0), dtype=torch.long)  # [B, cached_len] 1 = real token
+        self.next_pos = torch.zeros(0, dtype=torch.long)  # [B] position id of each row's next token
+        self.tokens: list[list[int]] = []  # per row: the ids fed so far
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def from_sessions(cls, model: PreTrainedModel, pad_token_id: int, sessions: Sequence[KVSession | None]) -> KVBatch:
+        """Rows that resume cached sequences (``None``: a new, empty one), left-padded to one width."""
+        batch = cls(model, pad_token_id)
+        batch.tokens = [list(s.tokens) if s else [] for s in sessions]
+        lengths = [len(t) for t in batch.tokens]
+        width = max(lengths, default=0)
+        batch.mask = torch.zeros((len(sessions), width), dtype=torch.long)
+        for i, n in enumerate(lengths):
+            batch.mask[i, width - n:] = 1
+        batch.next_pos = torch.tensor(lengths, dtype=torch.long)
+        template = next((s for s in sessions if s and s.tokens), None)
+        if template is not None:
+            layers = []
+            for layer in range(len(template.keys)):
+                ks, vs = [], []
+                for s in sessions:
+                    k = s.keys[layer] if s and s.tokens else template.keys[layer][:, :, :0]
+                    v = s.values[layer] if s and s.tokens else template.values[layer][:, :, :0]
+                    ks.append(_left_pad(k, width, 2))
+                    vs.append(_left_pad(v, width, 2))
+                layers.append((torch.cat(ks), torch.cat(vs)))
+            batch.cache = DynamicCache(ddp_cache_data=layers)
+        return batch
+
+    @torch.no_grad()
+    def extend(self, chunks: Sequence[Sequence[int]], keep_last: int = 1) -> torch.Tensor:
+        """Feed one chunk per row (left-padded to a rectangle; an empty chunk feeds nothing for that row) and
+        return fp32 logits of each row's last ``keep_last`` chunk positions [B, keep_last, V] (rows
+        right-aligned: position -1 is the row's last fed token)."""
+        width = max(len(c) for c in chunks)
+        ids = torch.full((len(chunks), width), self.pad_token_id, dtype=torch.long)
+        chunk_mask = torch.zeros((len(chunks), width), dtype=torch.long)
+        for i, c in enumerate(chunks):
+            if c:
+                ids[i, width - len(c):] = torch.tensor(list(c), dtype=torch.long)
+                chunk_mask[i, width - len(c):] = 1
+                self.tokens[i].extend(c)
+        # Position of a real token = row's next position + its rank among the row's real tokens.
+        positions = self.next_pos[:, None] + (chunk_mask.cumsum(dim=1) - 1).clamp(min=0)
+        self.mask = torch.cat([self.mask, chunk_mask], dim=1)
+        self.next_pos = self.next_pos + chunk_mask.sum(dim=1)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=self.mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=keep_last,  # the full [B, T, V] prefill logits are huge
+        )
+        return out.logits.float()
+
+    def session(self, row: int) -> KVSession:
+        """Row ``row``'s cache as a dense session (its padding columns dropped)."""
+        cols = self.mask[row].nonzero().squeeze(1).to(self.device)
+        keys = [layer.keys[row : row + 1, :, cols] for layer in self.cache.layers]
+        values = [layer.values[row : row + 1, :, cols] for layer in self.cache.layers]
+        return KVSession(list(self.tokens[row]), keys, values)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Drop every row not listed (finished requests leave the batch)."""
+        if len(rows) == self.size:
+            return
+        index = torch.tensor(list(rows), dtype=torch.long)
+        if rows:
+            self.cache.batch_select_indices(index.to(self.device))
+        else:
+            self.cache = DynamicCache()
+        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+        self.tokens = [self.tokens[i] for i in rows]
+        self._drop_dead_columns()
+
+    def absorb(self, other: KVBatch) -> None:
+        """Append ``other``'s rows (both left-padded to the wider cache)."""
+        if other.size == 0:
+            return
+        if self.size == 0:
+            self.cache, self.mask, self.next_pos, self.tokens = other.cache, other.mask, other.next_pos, other.tokens
+            return
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        layers = [(torch.cat([_left_pad(a.keys, width, 2), _left_pad(b.keys, width, 2)]),
+                   torch.cat([_left_pad(a.values, width, 2), _left_pad(b.values, width, 2)]))
+                  for a, b in zip(self.cache.layers, other.cache.layers, strict=True)]
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.tokens = self.tokens + other.tokens
+
+    def _drop_dead_columns(self) -> None:
+        """Columns that are padding for every remaining row would only cost attention FLOPs."""
+        live = self.mask.any(dim=0)
+        if self.size == 0 or bool(live.all()) or self.cache.get_seq_length() != self.mask.shape[1]:
+            return
+        cols = live.nonzero().squeeze(1)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, cols.to(self.device)]
+            layer.values = layer.values[:, :, cols.to(self.device)]
+        self.mask = self.mask[:, cols]

@@ -1,0 +1,85 @@
+"""The HF engine at the token boundary: cached sessions, scoring, errors, the registry."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+
+from opd_agents.errors import ConfigError
+from opd_agents.models import load_model
+from opd_agents.rollout.engine import CompletionRequest, SamplingEngine, engine_names, make_engine
+from opd_agents.rollout.hf_engine import HFEngine, ScoreRequest
+from opd_agents.rollout.renderer import ChatMLRenderer
+from tests.test_rollout import EchoEverything
+
+
+@pytest.fixture()
+def engine(tiny_model_dir: Any) -> Any:
+    model, tok = load_model(tiny_model_dir)
+    eng = make_engine("hf", model=model, renderer=ChatMLRenderer(tok, EchoEverything(stop_strings=())))
+    yield eng
+    eng.close()
+
+
+def fresh_logprobs(model: torch.nn.Module, ids: list[int], n: int) -> list[float]:
+    """log pi of the last n ids from one unbatched forward pass."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return [logp[p - 1, ids[p]].item() for p in range(len(ids) - n, len(ids))]
+
+
+def test_registry_and_protocol(engine: HFEngine) -> None:
+    assert isinstance(engine, SamplingEngine) and "hf" in engine_names()
+    with pytest.raises(ConfigError, match="unknown rollout engine 'nope'"):
+        make_engine("nope")
+
+
+def test_sessions_reuse_the_cache_and_survive_a_changed_prefix(engine: HFEngine) -> None:
+    """Turn 2 of an episode feeds only its new ids; a request whose ids leave the cached prefix (an
+    edited history) still gets exact logprobs: the session is cut back to the common prefix."""
+    prompt = list(range(100, 140))
+
+    async def play() -> tuple[Any, Any, Any]:
+        first = await engine.complete(CompletionRequest(prompt, max_tokens=6, seed=0, session="ep"))
+        fed_after_first = engine.tokens_fed
+        second_ids = prompt + first.token_ids + [7, 8, 9]
+        second = await engine.complete(CompletionRequest(second_ids, max_tokens=5, seed=1, session="ep"))
+        assert engine.tokens_fed - fed_after_first == 1 + 3 + 4  # last sampled token, observation, decode
+        edited = prompt[:20] + [5, 6] + prompt[22:] + first.token_ids
+        third = await engine.complete(CompletionRequest(edited, max_tokens=4, seed=2, session="ep"))
+        return (second_ids, second), (edited, third), first
+
+    (ids2, second), (ids3, third), _ = asyncio.run(play())
+    for ids, completion in ((ids2, second), (ids3, third)):
+        full = ids + completion.token_ids
+        fresh = fresh_logprobs(engine.model, full, len(completion.token_ids))
+        assert max(abs(a - b) for a, b in zip(fresh, completion.logprobs, strict=True)) < 1e-4
+        assert completion.finish == "length"
+
+
+def test_score_equals_a_fresh_forward_and_keeps_logits(engine: HFEngine) -> None:
+    ids = list(range(200, 260))
+
+    async def score() -> Any:
+        first = await engine.score(ScoreRequest(ids[:30], 10, session="t"))
+        second = await engine.score(ScoreRequest(ids, 12, session="t", keep_logits=True, keep_topk=3))
+        return first, second
+
+    first, second = asyncio.run(score())
+    assert first.logprobs == pytest.approx(fresh_logprobs(engine.model, ids[:30], 10), abs=1e-4)
+    assert second.logprobs == pytest.approx(fresh_logprobs(engine.model, ids, 12), abs=1e-4)
+    assert second.logits is not None and tuple(second.logits.shape) == (12, engine.model.config.vocab_size)
+    assert second.topk is not None and len(second.topk) == 12 and len(second.topk[0]) == 3
+    with pytest.raises(ValueError, match="n_scored must be in 1..59"):
+        asyncio.run(engine.score(ScoreRequest(ids, 60)))
+
+
+def test_a_failed_forward_fails_its_request_not_the_engine(engine: HFEngine) -> None:
+    vocab = engine.model.config.vocab_size
+    with pytest.raises(IndexError):
+        asyncio.run(engine.complete(CompletionRequest([1, 2, vocab + 5], max_tokens=3, seed=0)))
+    ok = asyncio.run(engine.complete(CompletionRequest([1, 2, 3], max_tokens=3, seed=0)))
+    assert len(ok.token_ids) == 3
