@@ -1,14 +1,24 @@
-"""Divergence-policy ablation: plain OPD vs loss-time truncation vs rollout-time truncation vs SOD weights.
+"""Divergence-policy ablations: plain OPD vs the turn-level policies, one grid per workload.
 
-    python bench/ablation.py --seeds 0 1 2 --jobs 2          # the grid behind docs/divergence.md
+    python bench/ablation.py --seeds 0 1 2 --jobs 2                       # Arithmetic grid (docs/divergence.md)
+    python bench/ablation.py --grid textworld --seeds 0 --jobs 2          # TextWorld screen: every variant, 1 seed
+    python bench/ablation.py --grid textworld --seeds 1 2 --variants plain sod iw-opd off-plan --jobs 2
 
-Every run is `opd-agents train -c configs/ablation.yaml --set seed=S --set run_dir=OUT/VARIANT-sS` plus the
-variant's `--set divergence.…` overrides, so any single cell can be rerun by hand. Prerequisites are made
-here when missing: the difficulty-2 SFT teacher (OUT/teacher-d2); the start student is the quickstart's
-step-20 checkpoint (`make quickstart`). The start student is evaluated once (same held-out seeds and greedy
-decoding as every run's final eval). Runs already finished (summary.json present) are not redone, so an
-interrupted grid continues where it stopped. `--jobs 2` runs two trainings side by side with
-OMP_NUM_THREADS = cores / jobs each: wall times are comparable within one grid, not with lone runs.
+Every run is `opd-agents train -c CONFIG --set seed=S --set run_dir=OUT/VARIANT-sS` plus the variant's
+`--set divergence.…` overrides, so any single cell can be rerun by hand. Prerequisites are made here when
+missing (the grid's teacher) and the start student (and, for a privileged teacher, the teacher itself) is
+evaluated once on the same held-out seeds with the same greedy decoding as every run's final eval. Runs
+already finished (summary.json present) are not redone, and ``OUT/ablation.json`` + ``OUT/table.md`` are
+rewritten after every finished run, so an interrupted grid keeps its results and continues where it stopped.
+`--jobs 2` runs two trainings side by side with OMP_NUM_THREADS = cores / jobs each: wall times are
+comparable within one grid, not with lone runs.
+
+Grids:
+- ``arithmetic`` (configs/ablation.yaml): the quickstart's student goes on to difficulty 2 against an SFT
+  teacher built here (OUT/teacher-d2); needs `make quickstart` first.
+- ``textworld`` (configs/ablation-textworld.yaml): quest length 4; the privileged SFT teacher (and the
+  student's start weights) from `bench/textworld_cascade.py --teacher-steps 40 --out runs/tw-opd`, built
+  here when missing (≈ 45 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -19,56 +29,107 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "ablation.yaml"
-VARIANTS: dict[str, list[str]] = {
-    "plain": [],
-    "loss-trunc": ["divergence.policies=[{name: loss_truncation, mode: first_error}]"],
-    # tau from the START student's greedy turns against the teacher (before any run): on-track turns
-    # d_k <= 0.8, the turn where it leaves the expert's plan >= 1.2
-    "rollout-trunc": ["divergence.policies=[{name: rollout_truncation, mode: both, max_invalid_calls: 2, tau: 1.5}]"],
-    "sod": ["divergence.policies=[{name: sod}]"],
-}
 
 
-def prepare(out: Path) -> dict[str, Any]:
-    """Build the teacher if missing and evaluate the start student once; returns {'before': ...}."""
-    from opd_agents.training.components import pick_device
-    from opd_agents.config import load_config
-    from opd_agents.training.evaluation import Evaluator
-    from opd_agents.models import load_model
+@dataclass(frozen=True)
+class Grid:
+    config: Path
+    variants: dict[str, list[str]]  # variant -> its `--set` overrides
+    build_teacher: Callable[[Any, Path], Path]  # (RunConfig, OUT) -> the teacher's model dir, built if missing
+
+
+def _arithmetic_teacher(cfg: Any, out: Path) -> Path:
     from opd_agents.env.registry import make_env
-    from opd_agents.rollout.renderer import ChatMLRenderer
     from opd_agents.teacher.sft import build_sft_teacher
 
-    cfg = load_config(CONFIG)
-    cfg = cfg.model_copy(update={"run_dir": str(out / "start-eval")})  # where the evaluator writes its episodes
     student = Path(cfg.student.model)
     if not (REPO / student).is_dir():
         sys.exit(f"start student {student} is missing: run `make quickstart` first")
+    parser = make_env(cfg.env.id, **cfg.env.kwargs).unwrapped.parser
+    env_factory = lambda: make_env(cfg.env.id, **cfg.env.kwargs, limits=cfg.env.limits).unwrapped  # noqa: E731
+    return build_sft_teacher("smollm2-135m-instruct", env_factory, cfg.env.id, parser, out / "teacher-d2",
+                             episodes=96, steps=20, batch_size=4, lr=2e-4, seed=0, log=print,
+                             env_kwargs=cfg.env.kwargs)
+
+
+def _textworld_teacher(cfg: Any, out: Path) -> Path:
+    from textworld_cascade import build_sft  # bench/ is the script's directory, so it is importable
+
+    teacher = REPO / cfg.teacher.model
+    return build_sft("teacher", "smollm2-135m-instruct", 40, teacher, print)
+
+
+def _policies(*specs: str) -> list[str]:
+    return [f"divergence.policies=[{', '.join(specs)}]"] if specs else []
+
+
+GRIDS: dict[str, Grid] = {
+    "arithmetic": Grid(REPO / "configs" / "ablation.yaml", {
+        "plain": [],
+        "loss-trunc": _policies("{name: loss_truncation, mode: first_error}"),
+        # tau from the START student's greedy turns against the teacher (before any run): on-track turns
+        # d_k <= 0.8, the turn where it leaves the expert's plan >= 1.2
+        "rollout-trunc": _policies("{name: rollout_truncation, mode: both, max_invalid_calls: 2, tau: 1.5}"),
+        "sod": _policies("{name: sod}"),
+    }, _arithmetic_teacher),
+    "textworld": Grid(REPO / "configs" / "ablation-textworld.yaml", {
+        "plain": [],
+        "sod": _policies("{name: sod}"),
+        "loss-trunc": _policies("{name: loss_truncation, mode: first_error}"),
+        "rollout-trunc": _policies("{name: rollout_truncation, mode: invalid_calls, max_invalid_calls: 2}"),
+        "iw-opd": _policies("{name: iw_opd, gamma: 0.5}"),
+        "topk-drift": _policies("{name: topk_drift}"),
+        "change-point": _policies("{name: change_point}"),
+        "horizon": _policies("{name: horizon, start_turns: 1}"),
+        "off-plan": _policies("{name: off_plan}"),
+    }, _textworld_teacher),
+}
+
+
+def prepare(grid: Grid, out: Path) -> dict[str, Any]:
+    """Build the teacher if missing; evaluate the start student (and a privileged teacher) once."""
+    from opd_agents.config import load_config
+    from opd_agents.env.registry import make_env
+    from opd_agents.models import load_model
+    from opd_agents.rollout.renderer import ChatMLRenderer
+    from opd_agents.training.components import pick_device, privileged_reference
+    from opd_agents.training.evaluation import Evaluator
+
+    cfg = load_config(grid.config)
+    teacher_dir = grid.build_teacher(cfg, out)
     env_factory = lambda: make_env(cfg.env.id, **cfg.env.kwargs, limits=cfg.env.limits).unwrapped  # noqa: E731
     parser = env_factory().parser
-    build_sft_teacher("smollm2-135m-instruct", env_factory, cfg.env.id, parser, out / "teacher-d2", episodes=96,
-                      steps=20, batch_size=4, lr=2e-4, seed=0, log=print, env_kwargs=cfg.env.kwargs)
-    before_file = out / "before.json"
-    if not before_file.exists():
-        model, tok = load_model(str(REPO / student), device=pick_device("auto", "auto")[0])
-        result = Evaluator(cfg, env_factory, ChatMLRenderer(tok, parser), None).evaluate(model, "start")
-        before_file.write_text(json.dumps(result, indent=1))
-    return {"before": json.loads(before_file.read_text())}
+    before: dict[str, Any] = {"teacher_dir": str(teacher_dir)}
+    players = [("start", REPO / cfg.student.model, False)]
+    if cfg.teacher.privileged:  # the gap the student can close: the teacher playing with its privileged prompt
+        players.append(("teacher", teacher_dir, True))
+    for who, model_dir, privileged in players:
+        result_file = out / f"{who}-eval.json"
+        if not result_file.exists():
+            run_cfg = cfg.model_copy(update={"run_dir": str(out / f"{who}-eval")})  # where its episodes go
+            model, tok = load_model(str(model_dir), device=pick_device("auto", "auto")[0])
+            evaluator = Evaluator(run_cfg, env_factory, ChatMLRenderer(tok, parser),
+                                  privileged_reference(env_factory) if privileged else None)
+            result_file.write_text(json.dumps(evaluator.evaluate(model, who, privileged=privileged), indent=1))
+        before[who] = json.loads(result_file.read_text())
+    return before
 
 
-def run_one(out: Path, variant: str, seed: int, threads: int) -> Path:
+def run_one(grid: Grid, out: Path, variant: str, seed: int, threads: int) -> Path:
     run_dir = out / f"{variant}-s{seed}"
     if (run_dir / "summary.json").exists():
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    sets = [f"seed={seed}", f"run_dir={run_dir}", *VARIANTS[variant]]
-    cmd = [sys.executable, "-m", "opd_agents.cli", "train", "-c", str(CONFIG)]
+    sets = [f"seed={seed}", f"run_dir={run_dir}", *grid.variants[variant]]
+    cmd = [sys.executable, "-m", "opd_agents.cli", "train", "-c", str(grid.config)]
     for s in sets:
         cmd += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -80,16 +141,25 @@ def run_one(out: Path, variant: str, seed: int, threads: int) -> Path:
 SCORED = "eval_trajectories.scored.jsonl"
 
 
-def score_heldout(run_dirs: list[Path], teacher_dir: Path) -> None:
-    """Teacher logprobs on each run's final held-out episodes (once: runs already scored are skipped; the
-    teacher is loaded only if some run needs it)."""
+def score_heldout(run_dirs: list[Path], teacher_dir: Path, cfg: Any) -> None:
+    """Teacher logprobs on each run's final held-out episodes, with the prompt the teacher trains with
+    (privileged or not). Runs already scored are skipped; the teacher is loaded only if some run needs it."""
     from opd_agents.analysis.export import rescore_file
+    from opd_agents.env.registry import make_env
+    from transformers import AutoTokenizer
+
+    from opd_agents.rollout.renderer import ChatMLRenderer
     from opd_agents.teacher import TeacherConfig, make_teacher
+    from opd_agents.training.components import privileged_reference
 
     todo = [d for d in run_dirs if not (d / SCORED).exists()]
     if not todo:
         return
-    with make_teacher(TeacherConfig(backend="hf", model=str(teacher_dir))) as scorer:
+    env_factory = lambda: make_env(cfg.env.id, **cfg.env.kwargs).unwrapped  # noqa: E731
+    privileged = privileged_reference(env_factory) if cfg.teacher.privileged else None
+    renderer = ChatMLRenderer(AutoTokenizer.from_pretrained(teacher_dir), env_factory().parser) if privileged else None
+    with make_teacher(TeacherConfig(backend="hf", model=str(teacher_dir)), renderer=renderer,
+                      privileged=privileged) as scorer:
         for run_dir in todo:
             rescore_file(run_dir / "eval_trajectories.jsonl", run_dir / SCORED, scorer, batch_size=8)
 
@@ -128,8 +198,12 @@ def mean_spread(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f} (min {min(xs):.3f}, max {max(xs):.3f})"
 
 
-def table(records: dict[str, list[dict[str, Any]]], before: float, before_nll: float) -> str:
-    lines = [f"start student: held-out success {before:.3f}, held-out teacher NLL / token {before_nll:.3f}", "",
+def table(records: dict[str, list[dict[str, Any]]], before: dict[str, Any], before_nll: float) -> str:
+    lines = [f"start student: held-out success {before['start']['success_rate']:.3f}, "
+             f"held-out teacher NLL / token {before_nll:.3f}"]
+    if "teacher" in before:
+        lines.append(f"teacher (privileged prompt): held-out success {before['teacher']['success_rate']:.3f}")
+    lines += ["",
              "| variant | held-out success after | per seed | held-out teacher NLL / token | held-out tool-error rate | held-out turns "
              "| train success / tool-error rate (last 3 steps) | teacher tokens / run | train episodes stopped: divergence / parse_error "
              "| mean turn weight | step time (s) | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -152,28 +226,53 @@ def table(records: dict[str, list[dict[str, Any]]], before: float, before_nll: f
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
-    ap.add_argument("--out", type=Path, default=Path("runs/ablation"))
-    args = ap.parse_args()
-    out = args.out if args.out.is_absolute() else REPO / args.out
-    out.mkdir(parents=True, exist_ok=True)
-    before = prepare(out)["before"]["success_rate"]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    cells = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: a partial grid is still paired
-    with ThreadPoolExecutor(args.jobs) as pool:
-        dirs = list(pool.map(lambda cell: run_one(out, cell[0], cell[1], threads), cells))
-    score_heldout([*dirs, out / "start-eval"], out / "teacher-d2")
-    records: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
-    for (variant, _), run_dir in zip(cells, dirs, strict=True):
-        records[variant].append(run_record(run_dir) | {"heldout_teacher_nll": heldout_teacher_nll(run_dir)})
+def report(grid: Grid, out: Path, before: dict[str, Any], cfg: Any) -> str:
+    """Score, collect and tabulate every finished run of the grid in OUT (all seeds so far); written to
+    OUT/ablation.json and OUT/table.md, so the results grow run by run."""
+    finished = {v: sorted(out.glob(f"{v}-s*/summary.json")) for v in grid.variants}
+    dirs = [p.parent for paths in finished.values() for p in paths]
+    score_heldout([*dirs, out / "start-eval"], Path(before["teacher_dir"]), cfg)
+    records = {v: [run_record(p.parent) | {"seed": int(p.parent.name.rsplit("-s", 1)[1]),
+                                           "heldout_teacher_nll": heldout_teacher_nll(p.parent)}
+                   for p in paths] for v, paths in finished.items()}
     before_nll = heldout_teacher_nll(out / "start-eval")
     (out / "ablation.json").write_text(json.dumps({"before": before, "before_teacher_nll": before_nll,
                                                    "runs": records}, indent=1))
-    print(table(records, before, before_nll))
+    text = table(records, before, before_nll)
+    (out / "table.md").write_text(text + "\n")
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", choices=list(GRIDS), default="arithmetic")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", help="default: all of the grid's")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
+    ap.add_argument("--out", type=Path, help="default: runs/ablation (arithmetic), runs/tw-ablation (textworld)")
+    args = ap.parse_args()
+    grid = GRIDS[args.grid]
+    variants = args.variants or list(grid.variants)
+    if unknown := sorted(set(variants) - set(grid.variants)):
+        ap.error(f"unknown variants for --grid {args.grid}: {unknown}; known: {list(grid.variants)}")
+    out = args.out or Path("runs/ablation" if args.grid == "arithmetic" else "runs/tw-ablation")
+    out = out if out.is_absolute() else REPO / out
+    out.mkdir(parents=True, exist_ok=True)
+    from opd_agents.config import load_config
+
+    cfg = load_config(grid.config)
+    before = prepare(grid, out)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    cells = [(v, s) for s in args.seeds for v in variants]  # seed-major: a partial grid is still paired
+    lock = threading.Lock()
+
+    def cell_done(cell: tuple[str, int]) -> None:
+        run_one(grid, out, *cell, threads)
+        with lock:  # one report at a time; each rewrites the whole table
+            print(report(grid, out, before, cfg), flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(cell_done, cells))
 
 
 if __name__ == "__main__":
