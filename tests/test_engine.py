@@ -83,3 +83,27 @@ def test_a_failed_forward_fails_its_request_not_the_engine(engine: HFEngine) -> 
         asyncio.run(engine.complete(CompletionRequest([1, 2, vocab + 5], max_tokens=3, seed=0)))
     ok = asyncio.run(engine.complete(CompletionRequest([1, 2, 3], max_tokens=3, seed=0)))
     assert len(ok.token_ids) == 3
+
+
+def test_new_episodes_share_one_prompt_prefix_and_it_follows_the_weights(engine: HFEngine) -> None:
+    """Episodes with a common prompt start reuse one cached prefix (exact logprobs); after an in-place
+    weight change the prefix is recomputed, so nothing stale is ever read."""
+    shared = list(range(400, 440))
+    prompts = [shared + [7, 8], shared + [9], shared + [10, 11, 12]]
+
+    async def play(ps: list[list[int]]) -> list[Any]:
+        return list(await asyncio.gather(*(engine.complete(CompletionRequest(p, max_tokens=4, seed=i))
+                                           for i, p in enumerate(ps))))
+
+    first = asyncio.run(play(prompts))
+    assert engine.tokens_shared == 2 * len(shared)  # 3 rows take it, computed once
+    for p, c in zip(prompts, first, strict=True):
+        assert c.logprobs == pytest.approx(fresh_logprobs(engine.model, p + c.token_ids, 4), abs=1e-4)
+    asyncio.run(play([shared + [13]]))  # a later episode alone: the kept prefix serves it
+    assert engine.tokens_shared == 3 * len(shared)
+    with torch.no_grad():
+        next(engine.model.parameters()).mul_(1.5)
+    later = asyncio.run(play(prompts))
+    assert engine.tokens_shared == 5 * len(shared)  # recomputed once for the new weights
+    for p, c in zip(prompts, later, strict=True):
+        assert c.logprobs == pytest.approx(fresh_logprobs(engine.model, p + c.token_ids, 4), abs=1e-4)

@@ -119,10 +119,11 @@ def test_one_forward_pass_per_batch(tiny: Any, trajs: list[Trajectory]) -> None:
                                          with_kwargs=True)
     try:
         HFTeacher(model, tok, batch_size=8).score(trajs)
-        assert len(calls) == 1 and calls[0][0] == len(trajs)  # all turns of all trajectories in one pass
+        # The shared prompt prefix once (one row), then all turns of all trajectories in one pass.
+        assert len(calls) == 2 and calls[0][0] == 1 and calls[1][0] == len(trajs)
         calls.clear()
         HFTeacher(model, tok, batch_size=4).score(trajs)
-        assert len(calls) == 2
+        assert [c[0] for c in calls] == [1, 4, 1, len(trajs) - 4]
     finally:
         handle.remove()
 

@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from opd_agents.rollout.engine import Completion, CompletionRequest, Finish, register_engine
-from opd_agents.rollout.kv import KVBatch, KVSession
+from opd_agents.rollout.kv import MIN_SHARED_PREFIX, KVBatch, KVSession, common_prefix_len
 from opd_agents.rollout.renderer import ChatMLRenderer
 
 _STOP_TAIL_TOKENS = 8  # how many trailing tokens are decoded to look for a stop string
@@ -69,6 +69,9 @@ class HFEngine:
         self.stop_ids = set(renderer.stop_token_ids)
         self.max_rows = max_rows
         self.tokens_fed = 0  # ids run through the model (prefill + decode): what the cache saved shows here
+        self.tokens_shared = 0  # prompt ids not computed thanks to the shared prefix (net of computing it)
+        self._prefix: KVSession | None = None
+        self._prefix_version = -1
         self._queue: queue.Queue[_Work | object] = queue.Queue()
         self._sessions: dict[str, KVSession] = {}
         self._lock = threading.Lock()
@@ -100,6 +103,7 @@ class HFEngine:
             raise ValueError("HFEngine samples with the module it was built with; build a new engine for another")
         with self._lock:
             self._sessions.clear()
+        self._prefix = None
 
     def close(self) -> None:
         if self._thread is not None:
@@ -108,6 +112,7 @@ class HFEngine:
             self._thread = None
         with self._lock:
             self._sessions.clear()
+        self._prefix = None
 
     def _submit(self, work: _Work) -> Future[Completion | Scores]:
         if self._thread is None:
@@ -168,8 +173,42 @@ class HFEngine:
             with self._lock:
                 self._sessions[work.request.session] = session
 
+    def _weights_version(self) -> int:
+        """Changes whenever a parameter is modified in place (an optimizer step, a state-dict load)."""
+        return sum(p._version for p in self.model.parameters())
+
+    def _share_prefix(self, new: list[_Work], resumed: list[tuple[KVSession | None, list[int]]]) -> None:
+        """New episodes (no session yet) start from one cached copy of their common prompt prefix (system
+        prompt + tool schemas; with group sampling the whole task prompt): it is computed once, kept while
+        the weights stay the same, and each episode feeds only what follows it."""
+        fresh = [i for i, (session, _) in enumerate(resumed) if session is None]
+        if not fresh:
+            return
+        # A row must still feed the positions whose logits it reads.
+        limit = min(len(resumed[i][1]) - (new[i].request.n_scored + 1 if isinstance(new[i].request, ScoreRequest)
+                                          else 1) for i in fresh)
+        version = self._weights_version()
+        prefix = self._prefix if self._prefix is not None and self._prefix_version == version else None
+        if prefix is not None and (len(prefix.tokens) > limit or
+                                   any(resumed[i][1][: len(prefix.tokens)] != prefix.tokens for i in fresh)):
+            prefix = None
+        if prefix is None and len(fresh) > 1:
+            n = min(common_prefix_len([resumed[i][1] for i in fresh]), limit)
+            if n >= MIN_SHARED_PREFIX:
+                batch = KVBatch.from_sessions(self.model, self.pad_token_id, [None])
+                batch.extend([resumed[fresh[0]][1][:n]])
+                self.tokens_fed += n
+                self.tokens_shared -= n  # net saving: the rows below take it n ids each
+                prefix = self._prefix = batch.session(0)
+                self._prefix_version = version
+        if prefix is not None:
+            for i in fresh:
+                resumed[i] = (prefix, resumed[i][1][len(prefix.tokens):])
+                self.tokens_shared += len(prefix.tokens)
+
     def _admit(self, new: list[_Work], running: KVBatch, works: list[_Work]) -> tuple[KVBatch, list[_Work]]:
         resumed = [self._resume(w) for w in new]
+        self._share_prefix(new, resumed)
         batch = KVBatch.from_sessions(self.model, self.pad_token_id, [s for s, _ in resumed])
         suffixes = [ids for _, ids in resumed]
         keep_last = max(w.request.n_scored + 1 if isinstance(w.request, ScoreRequest) else 1 for w in new)

@@ -10,6 +10,7 @@ dropped) while their episode waits for a tool, and come back merged with other r
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -153,3 +154,36 @@ class KVBatch:
             layer.keys = layer.keys[:, :, cols.to(self.device)]
             layer.values = layer.values[:, :, cols.to(self.device)]
         self.mask = self.mask[:, cols]
+
+
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forward pass
+
+
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix every row starts with."""
+    if not rows:
+        return 0
+    n = min(len(r) for r in rows)
+    first = rows[0]
+    for i in range(n):
+        if any(r[i] != first[i] for r in rows[1:]):
+            return i
+    return n
+
+
+def forward_shared_prefix(module: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefix: int,
+                          **kwargs: object) -> object:
+    """``module`` (a causal LM or its decoder) over a RIGHT-padded batch whose rows all start with the same
+    ``prefix`` ids: the prefix runs once (batch 1), its cache is expanded to the rows, and only the rest of
+    each row is fed on top. Returns the module's output for columns ``prefix..W-1`` (logits / hidden states
+    of the suffix). Under autograd the rows' gradients flow back into the one prefix computation. Equal to
+    the plain forward pass up to floating-point differences."""
+    rows, width = ids.shape
+    cache = DynamicCache()
+    head_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(module.forward).parameters else {}
+    module(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], past_key_values=cache, use_cache=True,
+           **head_kwargs)
+    cache.batch_repeat_interleave(rows)
+    positions = torch.arange(prefix, width, device=ids.device).expand(rows, -1)
+    return module(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                  use_cache=True, **kwargs)

@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd_agents.models import load_model
+from opd_agents.rollout.kv import MIN_SHARED_PREFIX, common_prefix_len, forward_shared_prefix
 from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.teacher.base import PrivilegedFn, Teacher, TeacherScores, TeacherSequence
 from opd_agents.types import Trajectory
@@ -112,7 +113,11 @@ class HFTeacher(Teacher):
             ids[r, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.long)
             mask[r, : len(s.input_ids)] = 1
         rows = torch.cat([torch.full((len(s.positions),), r, dtype=torch.long) for r, s in enumerate(batch)])
-        cols = torch.cat([torch.tensor(s.positions, dtype=torch.long) - 1 for s in batch])
+        # The rows' common prefix (system prompt + tool schemas; with group sampling the whole task prompt)
+        # runs once; every column read below lies after it.
+        prefix = min(common_prefix_len([s.input_ids for s in batch]), min(min(s.positions) for s in batch) - 1)
+        prefix = prefix if len(batch) > 1 and prefix >= MIN_SHARED_PREFIX else 0
+        cols = torch.cat([torch.tensor(s.positions, dtype=torch.long) - 1 for s in batch]) - prefix
         kwargs = {}
         if self._keeps_logits:  # compute the LM head only on the columns some row needs
             keep = torch.unique(cols)
@@ -121,8 +126,11 @@ class HFTeacher(Teacher):
         was_training = self.model.training
         self.model.eval()
         try:
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
-                                **kwargs).logits
+            if prefix:
+                out = forward_shared_prefix(self.model, ids.to(device), mask.to(device), prefix, **kwargs)
+            else:
+                out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs)
+            logits = out.logits
         finally:
             self.model.train(was_training)
         picked = logits[rows.to(device), cols.to(device)].float()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from opd_agents.rollout.kv import MIN_SHARED_PREFIX, common_prefix_len, forward_shared_prefix
 from opd_agents.training.view import TrainingView, collate
 
 
@@ -45,11 +46,20 @@ def pad_rows(rows: Sequence[Tensor], width: int, value: float = 0.0) -> Tensor:
 
 
 def assistant_batch(model: PreTrainedModel, views: Sequence[TrainingView], pad_token_id: int) -> AssistantBatch:
+    """The student's logits at every assistant token of ``views`` (with grad). The rows' common prefix
+    (system prompt + tool schemas; the whole task prompt under group sampling) runs once and its cache is
+    shared by the rows, so its forward and backward cost is paid once per batch."""
     batch = collate(views, pad_token_id)
     device = next(model.parameters()).device
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False,
-    ).last_hidden_state
+    first_targets = [v.loss_mask.index(1) if 1 in v.loss_mask else len(v) for v in views]
+    prefix = min(common_prefix_len([v.input_ids for v in views]), min(first_targets) - 1)
+    prefix = prefix if len(views) > 1 and prefix >= MIN_SHARED_PREFIX else 0
+    ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    if prefix:
+        out = forward_shared_prefix(model.get_decoder(), ids, attention, prefix)
+    else:
+        out = model.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False)
+    hidden = out.last_hidden_state  # type: ignore[attr-defined]  # columns prefix..W-1
     head = model.get_output_embeddings()
     counts = [int(v.sum()) for v in batch["loss_mask"]]
     width = max(max(counts), 1)
@@ -58,7 +68,7 @@ def assistant_batch(model: PreTrainedModel, views: Sequence[TrainingView], pad_t
                                                         "token_weights", "turn_index")}
     for b in range(len(views)):
         pos = batch["loss_mask"][b].nonzero().squeeze(1)
-        rows.append(head(hidden[b, (pos - 1).to(device)]))  # logits at p-1 predict the token at p
+        rows.append(head(hidden[b, (pos - 1 - prefix).to(device)]))  # logits at p-1 predict the token at p
         for k in fields:
             fields[k].append(batch[k][b, pos])
     mask = pad_rows([torch.ones(c) for c in counts], width)
