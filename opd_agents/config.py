@@ -83,8 +83,16 @@ class EvalConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
-    engine: str = Field("hf", description="sampling engine (opd_agents.rollout.engine registry): hf")
+    engine: str = Field("hf", description="sampling engine (opd_agents.rollout.engine registry): hf | vllm | "
+                                          "vllm_server")
     max_episodes: int = Field(32, gt=0, description="episodes in flight at once; the engine batches their turns")
+    api_base: str | None = Field(None, description="engine=vllm_server: the server, e.g. http://127.0.0.1:8000")
+
+    @model_validator(mode="after")
+    def _api_base_with_server(self) -> RolloutConfig:
+        if (self.api_base is None) != (self.engine != "vllm_server"):
+            raise ValueError("rollout.api_base goes with rollout.engine=vllm_server (and only with it)")
+        return self
 
 
 class TeacherStrengthConfig(_Strict):

@@ -286,6 +286,8 @@ def test_engine_trainer_mismatch_is_measured_and_tis_weights_tokens(tmp_path: Pa
 def test_tis_needs_untempered_sampling_and_engines_are_checked(tmp_path: Path, tiny_model_dir: Path) -> None:
     with pytest.raises(ConfigError, match="tis_cap .* sampling_temperature = 1.0"):
         tiny_cfg(tmp_path, tiny_model_dir, **{"loss.tis_cap": 2.0, "sampling_temperature": 0.7})
-    with pytest.raises(ConfigError, match="unknown rollout engine 'sglang'; known: hf, vllm"):
+    with pytest.raises(ConfigError, match="unknown rollout engine 'sglang'; known: hf, vllm, vllm_server"):
         Trainer(tiny_cfg(tmp_path, tiny_model_dir, **{"rollout.engine": "sglang"}))
     assert not (tmp_path / "run").exists()  # refused before any work
+    with pytest.raises(ConfigError, match="rollout.api_base goes with rollout.engine=vllm_server"):
+        tiny_cfg(tmp_path, tiny_model_dir, **{"rollout.engine": "vllm_server"})

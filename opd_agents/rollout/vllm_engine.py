@@ -18,10 +18,11 @@ works for workers on the same node (CPU or GPU); across nodes vLLM's own NCCL we
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,11 +86,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
-            max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-            seed=request.seed, logprobs=0, stop_token_ids=list(self.renderer.stop_token_ids),
-            stop=list(self.renderer.stop_strings) or None, include_stop_str_in_output=True,
-            skip_special_tokens=False, detokenize=bool(self.renderer.stop_strings))
+        params = SamplingParams(**sampling_params(request, self.renderer))
         self._requests += 1
         final = None
         async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params,
@@ -99,25 +96,16 @@ class VLLMEngine:
         sample = final.outputs[0]
         ids = list(sample.token_ids)
         logprobs = [float(step[token].logprob) for step, token in zip(sample.logprobs, ids, strict=True)]
-        finish: Finish = "length"
-        if sample.finish_reason == "stop":
-            finish = "stop" if ids and ids[-1] in self.renderer.stop_token_ids else "tool_call"
         self.tokens_sampled += len(ids)
-        return Completion(ids, logprobs, finish)
+        return Completion(ids, logprobs, _finish(sample.finish_reason, ids, self.renderer))
 
     def release(self, session: str) -> None:
         """Nothing to do: vLLM's prefix cache evicts blocks by itself."""
 
     def load_weights(self, model: torch.nn.Module) -> None:
         """Sample with ``model``'s current weights from now on (call after each optimizer step)."""
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
-        with tempfile.TemporaryDirectory(dir=shm, prefix="opd-weights-") as tmp:
-            path = Path(tmp) / "model.safetensors"
-            save_file(_untied(state), str(path))
-            self._call(self.llm.collective_rpc("opd_load_weights", args=(str(path),)))
+        with weights_file(model) as path:
+            self._call(self.llm.collective_rpc("opd_load_weights", args=(path,)))
         self._call(self.llm.reset_prefix_cache())
 
     def close(self) -> None:
@@ -129,6 +117,97 @@ class VLLMEngine:
             self._thread.join()
 
 
+class VLLMServerEngine:
+    """A running vLLM server behind the engine protocol, through its token-in/token-out endpoint
+    (``POST /inference/v1/generate``: token ids in, sampled ids + logprobs out; ``vllm serve MODEL
+    --enable-scale-out --logprobs-mode processed_logprobs``).
+
+    Weight sync (``load_weights``) needs the server on this node, started with
+    ``VLLM_SERVER_DEV_MODE=1 vllm serve MODEL --enable-scale-out --logprobs-mode processed_logprobs
+    --worker-extension-cls opd_agents.rollout.vllm_engine.WeightSyncExtension``: the weights go
+    through a file in /dev/shm and ``POST /collective_rpc``, then ``POST /reset_prefix_cache``. A server on
+    another node takes vLLM's NCCL weight-transfer endpoints instead (docs/scaling.md)."""
+
+    def __init__(self, api_base: str, renderer: ChatMLRenderer, model: str | None = None,
+                 timeout_s: float = 600.0) -> None:
+        import httpx
+
+        self.root = api_base.rstrip("/").removesuffix("/v1")
+        self.renderer = renderer
+        self.model = model
+        self.timeout_s = timeout_s
+        self.tokens_sampled = 0
+        try:
+            httpx.get(f"{self.root}/health", timeout=10.0).raise_for_status()
+        except httpx.HTTPError as e:
+            raise ConfigError(f"vLLM server at {self.root} does not answer /health: {e}") from e
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        import httpx
+
+        body: dict[str, Any] = {"token_ids": list(request.prompt_ids),
+                                "sampling_params": sampling_params(request, self.renderer)}
+        if self.model:
+            body["model"] = self.model
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+            response = await client.post(f"{self.root}/inference/v1/generate", json=body)
+        if response.status_code != 200:  # e.g. 403: started without --enable-scale-out
+            raise RuntimeError(f"vLLM server {self.root}: HTTP {response.status_code}: {response.text[:300]}")
+        choice = response.json()["choices"][0]
+        ids = list(choice["token_ids"])
+        logprobs = [float(step["logprob"]) for step in choice["logprobs"]["content"]]
+        self.tokens_sampled += len(ids)
+        return Completion(ids, logprobs, _finish(choice["finish_reason"], ids, self.renderer))
+
+    def release(self, session: str) -> None:
+        """Nothing to do: the server's prefix cache evicts blocks by itself."""
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        import httpx
+
+        with weights_file(model) as path:
+            r = httpx.post(f"{self.root}/collective_rpc", json={"method": "opd_load_weights", "args": [path]},
+                           timeout=self.timeout_s)
+            if r.status_code != 200:
+                raise RuntimeError(f"weight sync to {self.root} failed (HTTP {r.status_code}; the server needs "
+                                   f"VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls {__name__}."
+                                   f"WeightSyncExtension): {r.text[:300]}")
+        httpx.post(f"{self.root}/reset_prefix_cache", timeout=self.timeout_s).raise_for_status()
+
+    def close(self) -> None:
+        """The server is not ours: nothing to stop."""
+
+
+def sampling_params(request: CompletionRequest, renderer: ChatMLRenderer) -> dict[str, Any]:
+    """vLLM sampling parameters of a request: stop at the renderer's end-of-turn ids and stop strings
+    (kept in the output: the ids are stored verbatim), the sampled token's logprob."""
+    return {"max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
+            "seed": request.seed, "logprobs": 0, "stop_token_ids": list(renderer.stop_token_ids),
+            "stop": list(renderer.stop_strings) or None, "include_stop_str_in_output": True,
+            "skip_special_tokens": False, "detokenize": bool(renderer.stop_strings)}
+
+
+def _finish(reason: str | None, ids: list[int], renderer: ChatMLRenderer) -> Finish:
+    if reason == "stop":
+        return "stop" if ids and ids[-1] in renderer.stop_token_ids else "tool_call"
+    return "length"
+
+
+@contextlib.contextmanager
+def weights_file(model: torch.nn.Module) -> Iterator[str]:
+    """``model``'s state dict in a safetensors file in shared memory, removed afterwards."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(dir=shm, prefix="opd-weights-") as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_file(_untied(state), str(path))
+        os.chmod(tmp, 0o755)  # a server running as another user reads it too
+        os.chmod(path, 0o644)
+        yield str(path)
+
+
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied embeddings / LM head): copy the duplicates."""
     seen: set[int] = set()
@@ -138,6 +217,14 @@ def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = tensor.clone() if ptr in seen else tensor
         seen.add(ptr)
     return out
+
+
+@register_engine("vllm_server")
+def _vllm_server_engine(renderer: ChatMLRenderer, api_base: str | None = None, model: Any = None,
+                        **kwargs: Any) -> VLLMServerEngine:
+    if not api_base:
+        raise ConfigError("rollout.engine=vllm_server needs rollout.api_base (e.g. http://127.0.0.1:8000)")
+    return VLLMServerEngine(api_base, renderer, **kwargs)
 
 
 @register_engine("vllm")

@@ -83,7 +83,8 @@ class Trainer:
                           else self.renderer.im_end_id)
         self.sampling = SamplingParams(temperature=cfg.sampling_temperature,
                                        max_tokens_per_turn=cfg.max_tokens_per_turn, seed=cfg.seed)
-        self.rollout = Rollout(make_engine(cfg.rollout.engine, model=self.student, renderer=self.renderer),
+        server = {"api_base": cfg.rollout.api_base} if cfg.rollout.api_base else {}
+        self.rollout = Rollout(make_engine(cfg.rollout.engine, model=self.student, renderer=self.renderer, **server),
                                self.env_factory, self.sampling, model_id=cfg.student.model, env_id=cfg.env.id,
                                max_episodes=cfg.rollout.max_episodes)
         self.privileged = privileged_reference(self.env_factory) if cfg.teacher.privileged else None
