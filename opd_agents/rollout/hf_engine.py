@@ -267,7 +267,7 @@ class HFEngine:
 
     def _is_tool_stop(self, ids: list[int]) -> bool:
         stops = self.renderer.stop_strings
-        if not stops:
+        if not stops or ids[-1] not in self.renderer.stop_string_enders():
             return False
         tail = self.renderer.tokenizer.decode(ids[-_STOP_TAIL_TOKENS:]).rstrip()
         return any(tail.endswith(s) for s in stops)

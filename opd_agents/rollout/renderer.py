@@ -25,6 +25,7 @@ class ChatMLRenderer:
     """ChatML with tools; tool results go back as ``<tool_response>`` blocks in a user message."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, parser: ToolCallParser) -> None:
+        self._enders: tuple[tuple[str, ...], frozenset[int]] | None = None
         self.tokenizer = tokenizer
         self.parser = parser
         ids = tokenizer.convert_tokens_to_ids([IM_START, IM_END])
@@ -101,6 +102,16 @@ class ChatMLRenderer:
     @property
     def stop_strings(self) -> tuple[str, ...]:
         return self.parser.stop_strings
+
+    def stop_string_enders(self) -> frozenset[int]:
+        """Ids whose text (trailing whitespace aside) ends with the last character of a stop string: only
+        after one of them can a turn's text newly end with a stop string, so samplers decode nothing else."""
+        key = self.stop_strings
+        if self._enders is None or self._enders[0] != key:
+            lasts = {s.rstrip()[-1] for s in key if s.strip()}
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            self._enders = (key, frozenset(i for i, t in enumerate(texts) if t.rstrip()[-1:] in lasts))
+        return self._enders[1]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Assistant text of a turn, without the end-of-turn token."""

@@ -22,7 +22,7 @@ from opd_agents.env.core import ToolEnv
 from opd_agents.env.expert import play_expert
 from opd_agents.models import load_model
 from opd_agents.env.parsers import ToolCallParser
-from opd_agents.training.policy import assistant_batch, cross_entropy
+from opd_agents.training.policy import adamw, assistant_batch, cross_entropy
 from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.training.view import TrainingView
 from opd_agents.types import Trajectory
@@ -34,7 +34,7 @@ def sft_train(model: PreTrainedModel, trajs: Sequence[Trajectory], pad_token_id:
     on); returns the loss per step, logged every 5 steps when ``log`` is given."""
     rng = random.Random(seed)
     views = [TrainingView.from_trajectory(t) for t in trajs]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr)
     model.train()
     losses = []
     for _ in range(steps):

@@ -83,6 +83,14 @@ def assistant_batch(model: PreTrainedModel, views: Sequence[TrainingView], pad_t
     )
 
 
+def adamw(params: Sequence[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+    """AdamW without weight decay, fused (one kernel for all tensors) where torch has it for the device."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    except (RuntimeError, ValueError):  # a device / dtype without a fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
 def cross_entropy(batch: AssistantBatch, weighted: bool = False) -> Tensor:
     """Mean negative log-likelihood of the assistant tokens (SFT / off-policy on expert data); ``weighted``
     scales each token by its turn's weight (a 0-weight turn is not trained on)."""

@@ -33,7 +33,7 @@ from opd_agents.training.losses import (
 )
 from opd_agents.models import load_model
 from opd_agents.training.policies.signals import topk_signals
-from opd_agents.training.policy import AssistantBatch, assistant_batch, cross_entropy, pad_rows
+from opd_agents.training.policy import AssistantBatch, adamw, assistant_batch, cross_entropy, pad_rows
 from opd_agents.training.preflight import preflight
 from opd_agents.env.registry import make_env
 from opd_agents.rollout.renderer import ChatMLRenderer
@@ -96,7 +96,7 @@ class Trainer:
                      if cfg.divergence.rock_tokens != "off" else None)
         self.evaluator = Evaluator(cfg, self.env_factory, self.renderer, self.privileged)
         params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
+        self.optimizer = adamw(params, cfg.train.lr)
         self.scheduler = get_scheduler(cfg.train.lr_schedule, self.optimizer, cfg.train.warmup_steps, cfg.train.steps)
         self.metrics = MetricsLog(self.run_dir)
         self.start_step = 0
