@@ -118,29 +118,15 @@ def test_vllm_server_engine_samples_token_exact_and_takes_new_weights(tmp_path: 
                                                                       ) -> None:
     """A real `vllm serve` (dev mode, our worker extension): /inference/v1/generate rollouts are
     token-exact, and after an optimizer step load_weights makes the server sample with the new weights."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from opd_agents.teacher import wait_for_server
-    from tests.test_teacher_vllm import _env, _free_port
+    from tests.vllm_server import vllm_server
 
     model_dir = build_tiny_model(tmp_path / "tiny-hd32", smollm2_tokenizer_dir, hidden_size=128)
-    port = _free_port()
-    log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--dtype", "float32",
-           "--max-model-len", "2048", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-           "--logprobs-mode", "processed_logprobs", "--enable-scale-out",
-           "--worker-extension-cls", "opd_agents.rollout.vllm_engine.WeightSyncExtension"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**_env(), "VLLM_SERVER_DEV_MODE": "1"})
-    try:
-        wait_for_server(f"http://127.0.0.1:{port}/v1", timeout_s=240, proc_alive=lambda: proc.poll() is None)
+    with vllm_server(model_dir, tmp_path / "server.log", "--logprobs-mode", "processed_logprobs", "--enable-scale-out",
+                     "--worker-extension-cls", "opd_agents.rollout.vllm_engine.WeightSyncExtension",
+                     VLLM_SERVER_DEV_MODE="1") as api_base:
         model, tok = load_model(model_dir)
         engine = make_engine("vllm_server", renderer=ChatMLRenderer(tok, EchoEverything()),
-                             api_base=f"http://127.0.0.1:{port}/v1")
+                             api_base=api_base)
         rollout = Rollout(engine, lambda: EchoEnv(limits={"max_turns": 2}),
                           SamplingParams(temperature=1.0, max_tokens_per_turn=16, seed=0))
         for traj in rollout.run([0, 1, 2]):
@@ -160,13 +146,3 @@ def test_vllm_server_engine_samples_token_exact_and_takes_new_weights(tmp_path: 
         expected = [logp[p - 1, full[p]].item() for p in range(len(prompt), len(full))]
         assert np.abs(np.array(after.logprobs) - expected).max() < TOL
         assert after.token_ids != before.token_ids or np.abs(np.array(after.logprobs) - before.logprobs).max() > 10 * TOL
-    except Exception:
-        print(log.read_text()[-3000:])
-        raise
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

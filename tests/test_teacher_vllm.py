@@ -8,9 +8,6 @@ Llama with hidden 128 / 4 heads = head size 32.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,23 +26,13 @@ from opd_agents.env.parsers import get_parser
 from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.rollout.runner import Rollout
 from opd_agents.rollout.hf_engine import HFEngine
-from opd_agents.teacher import HFTeacher, ServerTeacher, TeacherScores, wait_for_server
+from opd_agents.teacher import HFTeacher, ServerTeacher, TeacherScores
 from opd_agents.types import SamplingParams, Trajectory
 from tests.test_teacher import LookupEnv, reference_of
+from tests.vllm_server import vllm_env, vllm_server
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-3  # fp32 on both sides; different kernels (vLLM CPU attention vs torch sdpa)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="module")
@@ -66,29 +53,8 @@ def setup(model_dir: Path) -> tuple[HFTeacher, ChatMLRenderer, list[Trajectory]]
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-           "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "w") as out:
-        # Own session: teardown signals the server and the engine processes it spawned, nothing else.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
-    api_base = f"http://127.0.0.1:{port}/v1"
-    try:
-        waited = wait_for_server(api_base, timeout_s=180, proc_alive=lambda: proc.poll() is None)
-        print(f"\n[vllm] server healthy after {waited:.1f}s")
+    with vllm_server(model_dir, tmp_path_factory.mktemp("vllm") / "server.log", "--served-model-name", "tiny") as api_base:
         yield api_base
-    except Exception:
-        print(log.read_text()[-4000:])
-        raise
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _flat(s: TeacherScores) -> np.ndarray:
@@ -164,7 +130,7 @@ def test_offline_engine_agrees(setup: Any, model_dir: Path, tmp_path: Path) -> N
     script, data, out = tmp_path / "score_offline.py", tmp_path / "trajs.jsonl", tmp_path / "scores.json"
     script.write_text(_OFFLINE_SCRIPT)
     data.write_text("".join(t.model_dump_json() + "\n" for t in trajs))
-    proc = subprocess.run([sys.executable, str(script), str(model_dir), str(data), str(out)], env=_env(),
+    proc = subprocess.run([sys.executable, str(script), str(model_dir), str(data), str(out)], env=vllm_env(),
                           check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # 134 = engine not shut down
     result = json.loads(out.read_text())
