@@ -17,8 +17,8 @@ Grids:
 - ``arithmetic`` (configs/ablation.yaml): the quickstart's student goes on to difficulty 2 against an SFT
   teacher built here (OUT/teacher-d2); needs `make quickstart` first.
 - ``textworld`` (configs/ablation-textworld.yaml): quest length 4; the privileged SFT teacher (and the
-  student's start weights) from `bench/textworld_cascade.py --teacher-steps 40 --out runs/tw-opd`, built
-  here when missing (≈ 45 min on 2 cores).
+  student's start weights) from `bench/textworld_cascade.py --teacher-steps 32 --out runs/tw-opd`, built
+  here when missing (≈ 35 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ def _textworld_teacher(cfg: Any, out: Path) -> Path:
     from textworld_cascade import build_sft  # bench/ is the script's directory, so it is importable
 
     teacher = REPO / cfg.teacher.model
-    return build_sft("teacher", "smollm2-135m-instruct", 40, teacher, print)
+    return build_sft("teacher", "smollm2-135m-instruct", TEXTWORLD_TEACHER_STEPS, teacher, print)
+
+
+TEXTWORLD_TEACHER_STEPS = 32
 
 
 def _policies(*specs: str) -> list[str]:
@@ -127,13 +130,14 @@ def run_one(grid: Grid, out: Path, variant: str, seed: int, threads: int) -> Pat
     run_dir = out / f"{variant}-s{seed}"
     if (run_dir / "summary.json").exists():
         return run_dir
+    resume = (run_dir / "checkpoints").is_dir()  # an interrupted run continues from its last checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     sets = [f"seed={seed}", f"run_dir={run_dir}", *grid.variants[variant]]
-    cmd = [sys.executable, "-m", "opd_agents.cli", "train", "-c", str(grid.config)]
+    cmd = [sys.executable, "-m", "opd_agents.cli", "train", "-c", str(grid.config), *(["--resume"] if resume else [])]
     for s in sets:
         cmd += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    with open(run_dir / "train.log", "w") as log:
+    with open(run_dir / "train.log", "a" if resume else "w") as log:
         subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     return run_dir
 

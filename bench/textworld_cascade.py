@@ -136,7 +136,8 @@ def build_sft(kind: str, base: str, steps: int, out_dir: Path, log: Callable[[st
         trajs += qtrajs
     t_play = time.perf_counter() - t0
     pad = tok.pad_token_id if tok.pad_token_id is not None else renderer.im_end_id
-    losses = sft_train(model, trajs, int(pad), steps, BATCH, LR, seed=0, log=log)
+    # One episode per forward/backward: batch-4 steps on ≈1,500-token episodes peaked at 18 GB (OOM-killed).
+    losses = sft_train(model, trajs, int(pad), steps, BATCH, LR, seed=0, log=log, micro_batch_size=1)
     turns = [x for t in trajs for x in t.turns]
     meta = {"settings": settings, "losses_first5": losses[:5], "losses_last5": losses[-5:],
             "episodes": len(trajs), "expert_success": sum(t.success for t in trajs) / len(trajs),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from opd_agents.env.registry import make_env
 from opd_agents.teacher.sft import build_sft_teacher
 
@@ -32,3 +34,28 @@ def test_sft_teacher_is_reused_only_for_the_same_settings(tmp_path: Path, tiny_m
     build(tiny_model_dir, out, 2)  # another difficulty is another teacher: rebuilt
     assert json.loads((out / "opd_sft_teacher.json").read_text())["settings"]["env_kwargs"] == {"difficulty": 2}
     assert not list(tmp_path.glob(".teacher.*"))  # no half-written temp dirs left behind
+
+
+def test_micro_batches_accumulate_to_the_same_step(tiny_model_dir: Path) -> None:
+    """One episode per forward/backward gives the whole batch's loss and update (memory bound, same math)."""
+    import torch
+
+    from opd_agents.env.expert import play_expert
+    from opd_agents.models import load_model
+    from opd_agents.rollout.renderer import ChatMLRenderer
+    from opd_agents.teacher.sft import sft_train
+
+    factory = lambda: make_env(ENV, difficulty=2).unwrapped  # noqa: E731
+    results = []
+    for micro in (None, 1):
+        model, tok = load_model(tiny_model_dir)
+        trajs = play_expert(factory, [0, 1, 2, 3], env_id=ENV, renderer=ChatMLRenderer(tok, factory().parser))
+        trajs[1].turns[0].weight = 0.0  # weighted tokens count as in one batch
+        losses = sft_train(model, trajs, int(tok.pad_token_id), steps=2, batch_size=4, lr=1e-2, seed=0,
+                           micro_batch_size=micro)
+        results.append((losses, {k: v.detach().clone() for k, v in model.named_parameters()}))
+    (whole, w_whole), (parts, w_parts) = results
+    assert parts == [pytest.approx(x, rel=1e-5) for x in whole]  # step 2's loss reads step 1's update
+    # Adam turns fp-level gradient differences on near-zero entries into visible ones; a different update
+    # would differ by ~2 lr (2e-2).
+    assert max((w_whole[k] - w_parts[k]).abs().max().item() for k in w_whole) < 1e-3

@@ -29,22 +29,31 @@ from opd_agents.types import Trajectory
 
 
 def sft_train(model: PreTrainedModel, trajs: Sequence[Trajectory], pad_token_id: int, steps: int,
-              batch_size: int, lr: float, seed: int, log: Callable[[str], None] | None = None) -> list[float]:
+              batch_size: int, lr: float, seed: int, log: Callable[[str], None] | None = None,
+              micro_batch_size: int | None = None) -> list[float]:
     """Cross-entropy on the assistant tokens of ``trajs``, each turn scaled by its weight (0 = not trained
-    on); returns the loss per step, logged every 5 steps when ``log`` is given."""
+    on); returns the loss per step, logged every 5 steps when ``log`` is given. ``micro_batch_size``:
+    episodes per forward/backward (gradients accumulate; the step's loss is the same weighted token mean),
+    which bounds memory on long episodes."""
     rng = random.Random(seed)
     views = [TrainingView.from_trajectory(t) for t in trajs]
     opt = adamw([p for p in model.parameters() if p.requires_grad], lr)
+    micro = micro_batch_size or batch_size
     model.train()
     losses = []
     for _ in range(steps):
         batch = rng.sample(views, min(batch_size, len(views)))
-        loss = cross_entropy(assistant_batch(model, batch, pad_token_id), weighted=True)
-        loss.backward()
+        total = max(sum(w for v in batch for w, m in zip(v.token_weights, v.loss_mask, strict=True) if m), 1.0)
+        step_loss = 0.0
+        for start in range(0, len(batch), micro):
+            part = cross_entropy(assistant_batch(model, batch[start : start + micro], pad_token_id), weighted=True,
+                                 denominator=total)
+            part.backward()
+            step_loss += part.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(step_loss)
         if log and (len(losses) % 5 == 0 or len(losses) == 1):
             log(f"  sft step {len(losses)}/{steps}: loss {losses[-1]:.3f}")
     model.eval()

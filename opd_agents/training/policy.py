@@ -91,8 +91,9 @@ def adamw(params: Sequence[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def cross_entropy(batch: AssistantBatch, weighted: bool = False) -> Tensor:
+def cross_entropy(batch: AssistantBatch, weighted: bool = False, denominator: float | None = None) -> Tensor:
     """Mean negative log-likelihood of the assistant tokens (SFT / off-policy on expert data); ``weighted``
-    scales each token by its turn's weight (a 0-weight turn is not trained on)."""
+    scales each token by its turn's weight (a 0-weight turn is not trained on). ``denominator``: divide by
+    this instead of the batch's own (weighted) token count, e.g. a whole step's when accumulating parts."""
     mask = batch.mask * batch.weights if weighted else batch.mask
-    return -(batch.logprobs * mask).sum() / mask.sum().clamp(min=1)
+    return -(batch.logprobs * mask).sum() / (denominator if denominator is not None else mask.sum().clamp(min=1))
