@@ -1,0 +1,100 @@
+"""Rollout throughput per engine: episodes/s and sampled tokens/s on the same env, model and seeds.
+
+    python bench/rollout.py --engines hf vllm --envs opd_agents/Arithmetic-v0:difficulty=2 opd_agents/RetrievalQA-v0
+    python bench/rollout.py --engines vllm_server --api-base http://127.0.0.1:8000   # a server started by hand:
+        # vllm serve MODEL --enable-scale-out --logprobs-mode processed_logprobs --max-model-len 8192
+
+Each (engine, env) cell runs in a fresh child process (model load and engine start-up are timed apart from
+the rollout), `--repeats` times, interleaved across engines so machine noise hits all of them alike; the
+table gives medians and the ratio to the first engine. Held-out seeds, temperature 1, sampling seed 0,
+`--episodes` episodes in flight at once. Same script on a GPU machine (`--device cuda`): there vLLM is
+expected to be >= 5x the HF engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def one(engine: str, env_spec: str, model: str, episodes: int, api_base: str | None, device: str) -> dict[str, Any]:
+    """Run in the child: load, start the engine, play the episodes, return the timings."""
+    import yaml
+
+    from opd_agents.env.core import heldout_seeds
+    from opd_agents.env.registry import make_env
+    from opd_agents.models import load_model, load_tokenizer, resolve_model
+    from opd_agents.rollout.engine import make_engine
+    from opd_agents.rollout.renderer import ChatMLRenderer
+    from opd_agents.rollout.runner import Rollout
+    from opd_agents.types import SamplingParams
+
+    env_id, _, args = env_spec.partition(":")
+    kwargs = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.split(",") if a)}
+    factory = lambda: make_env(env_id, **kwargs).unwrapped  # noqa: E731
+    t0 = time.perf_counter()
+    if engine == "hf":
+        lm, tok = load_model(model, device=device)
+    else:
+        lm, tok = str(resolve_model(model)), load_tokenizer(model)
+    server = {"api_base": api_base} if engine == "vllm_server" else {}
+    sampler = make_engine(engine, model=lm, renderer=ChatMLRenderer(tok, factory().parser), **server)
+    start_s = time.perf_counter() - t0
+    rollout = Rollout(sampler, factory, SamplingParams(temperature=1.0, seed=0), env_id=env_id, max_episodes=episodes)
+    t1 = time.perf_counter()
+    trajs = rollout.run(heldout_seeds(episodes))
+    wall = time.perf_counter() - t1
+    rollout.close()
+    tokens = sum(t.num_assistant_tokens for t in trajs)
+    return {"engine": engine, "env": env_spec, "start_s": start_s, "wall_s": wall, "episodes_per_s": len(trajs) / wall,
+            "tokens_per_s": tokens / wall, "tokens": tokens, "mean_turns": statistics.mean(len(t.turns) for t in trajs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engines", nargs="+", default=["hf", "vllm"])
+    ap.add_argument("--envs", nargs="+", default=["opd_agents/Arithmetic-v0:difficulty=2", "opd_agents/RetrievalQA-v0"])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--episodes", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--api-base")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-rollout.json"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        engine, env_spec = json.loads(args.child)
+        print(json.dumps(one(engine, env_spec, args.model, args.episodes, args.api_base, args.device)))
+        return
+    rows: list[dict[str, Any]] = []
+    for _ in range(args.repeats):
+        for env_spec in args.envs:
+            for engine in args.engines:  # interleaved: each repeat visits every engine once
+                cmd = [sys.executable, __file__, "--child", json.dumps([engine, env_spec]), "--model", args.model,
+                       "--episodes", str(args.episodes), "--device", args.device,
+                       *(["--api-base", args.api_base] if args.api_base else [])]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                rows.append(json.loads(out))
+                print(rows[-1], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+    print("\n| env | engine | episodes/s | tokens/s | vs first | start-up s | mean turns |\n|---|---|---|---|---|---|---|")
+    for env_spec in args.envs:
+        base = None
+        for engine in args.engines:
+            cell = [r for r in rows if r["engine"] == engine and r["env"] == env_spec]
+            tps = statistics.median(r["tokens_per_s"] for r in cell)
+            base = base or tps
+            print(f"| {env_spec} | {engine} | {statistics.median(r['episodes_per_s'] for r in cell):.3f} | {tps:.1f} "
+                  f"| {tps / base:.2f}x | {statistics.median(r['start_s'] for r in cell):.1f} "
+                  f"| {statistics.mean(r['mean_turns'] for r in cell):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
