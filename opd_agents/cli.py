@@ -15,7 +15,7 @@ from rich.text import Text
 
 from opd_agents.env.core import HELDOUT_SEED_START
 from opd_agents.errors import OpdError
-from opd_agents.env.registry import SHIPPED_ENVS, make_env
+from opd_agents.env.registry import SHIPPED_ENVS, make_env, plugin_envs
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm must not fetch its cost map
 
@@ -32,9 +32,9 @@ def fail(err: Exception) -> None:
 
 @app.command()
 def envs() -> None:
-    """List the registered environments and their tools."""
+    """List the shipped environments, those of installed packages (entry points) and their tools."""
     table = Table("id", "tools", "description")
-    for env_id in SHIPPED_ENVS:
+    for env_id in {**SHIPPED_ENVS, **plugin_envs()}:
         try:
             env = make_env(env_id).unwrapped
         except OpdError as e:  # e.g. an optional extra that is not installed: listed, with the reason
@@ -54,7 +54,7 @@ def print_summary(title: str, summary: dict[str, Any]) -> None:
 
 @app.command()
 def rollout(
-    env: Annotated[str, typer.Option("--env", help="environment id, e.g. opd_agents/Arithmetic-v0")],
+    env: Annotated[str, typer.Option("--env", help="environment: a registered id (opd_agents/Arithmetic-v0), module:ClassName or module:registered-id")],
     out: Annotated[Path, typer.Option("--out", help="JSONL file the trajectories are appended to")],
     model: Annotated[str, typer.Option("--model", help="local model dir or built-in name")] = "smollm2-135m-instruct",
     n: Annotated[int, typer.Option("-n", help="number of episodes")] = 8,

@@ -19,7 +19,8 @@ class _Strict(BaseModel):
 
 
 class EnvConfig(_Strict):
-    id: str = "opd_agents/Arithmetic-v0"
+    id: str = Field("opd_agents/Arithmetic-v0", description=(
+        "a registered id (the short name works too), module:ClassName, or module:registered-id"))
     kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor kwargs of the env")
     limits: EnvLimits = Field(default_factory=EnvLimits)
 
