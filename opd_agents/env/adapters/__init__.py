@@ -1,0 +1,1 @@
+"""Adapters that make other ecosystems' environments ``ToolEnv``s (one module each)."""
