@@ -40,7 +40,9 @@ CACHE_ENV_VAR = "OPD_AGENTS_TEXTWORLD_CACHE"
 GAME_SUFFIXES = (".z8", ".z5", ".tw-pddl")  # what a game_dir is searched for (a .z8's .json sits beside it)
 CACHE_FORMAT = 2  # bump when generation changes, so old cached games are not reused
 MAX_GENERATION_ATTEMPTS = 10
-_GENERATION_LOCK = threading.Lock()  # textworld's generator keeps global state (knowledge base, grammar)
+# textworld's generator (knowledge base, grammar) and its game loader (a shared tatsu parser: concurrent
+# loads fail with "IndexError: pop from empty list") keep global state.
+_LIBRARY_LOCK = threading.Lock()
 
 PROMPT = (
     "You are playing a text adventure game. Send one game command per call to the act tool, for example "
@@ -134,7 +136,7 @@ class TextWorldEnv(ToolEnv):
                                                                           self.quest_length)
             for _ in range(MAX_GENERATION_ATTEMPTS):
                 options.seeds = game_seeds(rng)
-                with _GENERATION_LOCK:
+                with _LIBRARY_LOCK:
                     try:
                         game = self.textworld.generator.make_game(options)
                     except Exception as e:  # noqa: BLE001 - textworld's own errors: no quest fits these settings
@@ -169,7 +171,7 @@ class TextWorldEnv(ToolEnv):
         self.close()
         infos = self.textworld.EnvInfos(admissible_commands=True, policy_commands=True, objective=True,
                                         description=True, won=True, lost=True)
-        with warnings.catch_warnings():  # jericho: "not fully supported" (its score tracking; textworld's is used)
+        with _LIBRARY_LOCK, warnings.catch_warnings():  # jericho: "not fully supported" (its score tracking)
             warnings.filterwarnings("ignore", message=r".*is not fully supported")
             self._game = self.textworld.start(str(path), infos)
             self._state = self._game.reset()

@@ -209,3 +209,23 @@ def test_rollout_stores_turn_outcomes(tw_cache: Path, tiny_model_dir: Path) -> N
     for traj in trajs:
         assert traj.stop_reason == StopReason.max_turns and not traj.success
         assert [t.outcome for t in traj.turns] == [TurnOutcome.invalid] * 3  # random text is never admissible
+
+
+def test_episodes_start_concurrently(tw_cache: Path) -> None:
+    """The rollout resets envs in worker threads; textworld's game loader shares one parser (concurrent
+    loads failed with "IndexError: pop from empty list"), so loading is serialized inside the env."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seeds = [0, 1, 2, 3, 0, 1, 2, 3]
+    for s in set(seeds):  # generated (or cached) first: this test is about loading
+        make(tw_cache, quest_length=2).reset(seed=s)
+
+    def start(seed: int) -> str:
+        env = make(tw_cache, quest_length=2)
+        messages, _ = env.reset(seed=seed)
+        env.close()
+        return messages[1]["content"]
+
+    with ThreadPoolExecutor(8) as pool:
+        prompts = list(pool.map(start, seeds))
+    assert prompts[:4] == prompts[4:]
