@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,11 +62,15 @@ def load_weights(model: PreTrainedModel, model_dir: Path) -> None:
 
 
 def privileged_reference(env_factory: Callable[[], ToolEnv]) -> PrivilegedFn:
-    """The privileged context: the task's reference solution, regenerated from the trajectory's seed."""
+    """The privileged context: the task's reference solution, regenerated from the trajectory's seed. Safe
+    to call from several threads (the rollout starts episodes concurrently): its one env is used by one at
+    a time."""
     env = env_factory()
+    lock = threading.Lock()
 
     def reference(traj: Trajectory) -> str:
-        task = env.generate_task(np.random.default_rng(traj.seed), traj.seed, traj.split)
+        with lock:
+            task = env.generate_task(np.random.default_rng(traj.seed), traj.seed, traj.split)
         return f"Reference solution (only you can see it; the answer must be worked out with the tools):\n{task.reference}"
 
     return reference
