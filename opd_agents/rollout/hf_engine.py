@@ -58,6 +58,13 @@ class _Work:
 _CLOSE = object()
 
 
+def _ids_and_need(req: CompletionRequest | ScoreRequest) -> tuple[list[int], int]:
+    """A request's sequence, and how many of its last positions must be fed for the logits it reads."""
+    if isinstance(req, CompletionRequest):
+        return req.prompt_ids, 1
+    return req.ids, req.n_scored + 1
+
+
 class HFEngine:
     """A transformers causal LM behind the engine protocol (``SamplingEngine``) plus ``score``."""
 
@@ -155,8 +162,7 @@ class HFEngine:
     def _resume(self, work: _Work) -> tuple[KVSession | None, list[int]]:
         """The request's cached session (cropped to what still matches) and the ids left to feed."""
         req = work.request
-        ids = req.prompt_ids if isinstance(req, CompletionRequest) else req.ids
-        need = 1 if isinstance(req, CompletionRequest) else req.n_scored + 1  # positions whose logits we read
+        ids, need = _ids_and_need(req)
         with self._lock:
             session = self._sessions.pop(req.session, None) if req.session else None
         if session is None:
@@ -185,8 +191,7 @@ class HFEngine:
         if not fresh:
             return
         # A row must still feed the positions whose logits it reads.
-        limit = min(len(resumed[i][1]) - (new[i].request.n_scored + 1 if isinstance(new[i].request, ScoreRequest)
-                                          else 1) for i in fresh)
+        limit = min(len(resumed[i][1]) - _ids_and_need(new[i].request)[1] for i in fresh)
         version = self._weights_version()
         prefix = self._prefix if self._prefix is not None and self._prefix_version == version else None
         if prefix is not None and (len(prefix.tokens) > limit or
@@ -211,7 +216,7 @@ class HFEngine:
         self._share_prefix(new, resumed)
         batch = KVBatch.from_sessions(self.model, self.pad_token_id, [s for s, _ in resumed])
         suffixes = [ids for _, ids in resumed]
-        keep_last = max(w.request.n_scored + 1 if isinstance(w.request, ScoreRequest) else 1 for w in new)
+        keep_last = max(_ids_and_need(w.request)[1] for w in new)
         self.tokens_fed += sum(len(s) for s in suffixes)
         logits = batch.extend(suffixes, keep_last=keep_last)  # [n, keep_last, V]
         still: list[int] = []
