@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opd_agents.training.policies import DivergencePolicyConfig
 from opd_agents.env.core import EnvLimits
 from opd_agents.errors import ConfigError
 from opd_agents.teacher.base import TeacherConfig
+from opd_agents.training.losses import loss_kinds
 
 
 class _Strict(BaseModel):
@@ -64,7 +65,8 @@ class RunTeacherConfig(TeacherConfig):
 
 
 class LossConfig(_Strict):
-    kind: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
+    kind: str = Field("reverse_kl", description="a loss registered in opd_agents.training.losses "
+                                                "(reverse_kl, forward_kl, jsd, ...)")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD mixture: 0 = forward KL, 1 = reverse KL")
     top_k: int = Field(0, ge=0, description="0 = full vocabulary (in-process teacher); k = teacher's top-k")
     tail: Literal["bucket", "renormalize"] = "bucket"
@@ -74,6 +76,13 @@ class LossConfig(_Strict):
     tis_cap: float | None = Field(None, ge=1.0, description=(
         "reverse_kl: weight each token by min(pi_trainer / pi_engine, cap) (truncated importance sampling: "
         "corrects for an engine whose numerics differ from the trainer's); None = off"))
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
+        if kind not in loss_kinds():
+            raise ValueError(f"unknown loss kind {kind!r}; registered: {', '.join(loss_kinds())}")
+        return kind
 
 
 class EvalConfig(_Strict):

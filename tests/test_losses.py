@@ -8,13 +8,20 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from opd_agents.config import parse_config
+from opd_agents.errors import ConfigError
 from opd_agents.training.losses import (
+    LOSSES as REGISTRY,
+    SFT,
     LossOutput,
     forward_kl_loss,
     generalized_jsd_loss,
     grpo_advantages,
+    loss_kinds,
+    register_loss,
     reverse_kl_full_loss,
     reverse_kl_pg_loss,
+    select_loss,
     topk_forward_kl_loss,
     topk_generalized_jsd_loss,
 )
@@ -343,3 +350,32 @@ def test_grpo_interleaved_groups_and_eps() -> None:
     torch.testing.assert_close(adv, want)
     with pytest.raises(ValueError):
         grpo_advantages(rewards, [0, 1])
+
+
+@pytest.mark.parametrize(("kind", "top_k", "on_policy", "sft", "needs"), [
+    ("reverse_kl", 0, True, False, "logprobs"),  # the PG loss on the student's own samples
+    ("reverse_kl", 8, True, False, "logprobs"),
+    ("reverse_kl", 0, False, False, "logits"),  # teacher samples: full-vocabulary reverse KL
+    ("forward_kl", 0, True, False, "logits"),
+    ("jsd", 8, True, False, "topk"),
+    ("jsd", 8, False, True, "none"),  # expert data: SFT whatever the kind
+])
+def test_registry_picks_the_loss_of_a_batch(kind: str, top_k: int, on_policy: bool, sft: bool, needs: str) -> None:
+    spec = select_loss(kind, top_k, on_policy, sft)
+    assert spec.needs == needs and spec.kind == (SFT if sft else kind)
+
+
+def test_a_registered_loss_is_a_loss_kind() -> None:
+    assert loss_kinds() == ["forward_kl", "jsd", "reverse_kl"]
+    with pytest.raises(ValueError, match="registered twice"):
+        register_loss("jsd", "topk")(REGISTRY[("jsd", "topk")].fn)
+    with pytest.raises(ConfigError, match="'loss.kind' = 'fkl': .*registered: forward_kl, jsd, reverse_kl"):
+        parse_config({"loss": {"kind": "fkl"}})
+    register_loss("tvd", "logits")(REGISTRY[("forward_kl", "logits")].fn)
+    try:
+        assert parse_config({"loss": {"kind": "tvd"}}).loss.kind == "tvd"
+        assert select_loss("tvd", 0, True, False).needs == "logits"
+        with pytest.raises(ConfigError, match="loss.kind=tvd has no top-k variant"):
+            select_loss("tvd", 4, True, False)
+    finally:
+        del REGISTRY[("tvd", "logits")]

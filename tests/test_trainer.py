@@ -141,7 +141,8 @@ def test_shipped_configs_validate() -> None:
 
 @pytest.mark.parametrize(("override", "message"), [
     ({"train.stepz": 3}, "unknown key 'train.stepz'; allowed keys here: checkpoint_every"),
-    ({"loss.kind": "fkl"}, "'loss.kind' = 'fkl': Input should be 'reverse_kl', 'forward_kl' or 'jsd'"),
+    ({"loss.kind": "fkl"}, "'loss.kind' = 'fkl': Value error, unknown loss kind 'fkl'; registered: forward_kl, jsd, "
+                        "reverse_kl"),
     ({"train.lr": -1}, "'train.lr' = -1: Input should be greater than 0"),
 ])
 def test_bad_config_gets_one_clear_message(tmp_path: Path, override: dict[str, Any], message: str) -> None:

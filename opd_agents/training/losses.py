@@ -15,18 +15,28 @@ tokens without changing the denominator. (The policy-gradient loss puts the weig
 advantage instead; see ``reverse_kl_pg_loss``.)
 
 JSD convention (as TRL's GKD): beta = 0 is forward KL(p_T || p_S), beta = 1 is reverse KL(p_S || p_T).
+
+The registry at the end maps (``loss.kind``, teacher signal) to the function the trainer calls on one
+micro-batch; each entry declares the signal it reads, so a new loss is one decorated function here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from opd_agents.errors import ConfigError
+from opd_agents.training.policies.base import Needs
+from opd_agents.training.policy import AssistantBatch, cross_entropy
+
+if TYPE_CHECKING:
+    from opd_agents.config import LossConfig
 
 TailMode = Literal["bucket", "renormalize"]
 
@@ -347,3 +357,122 @@ def topk_generalized_jsd_loss(
     """Generalised JSD(beta) on the teacher's top-k(+1) support; same beta convention and tail modes."""
     logp_s, logp_t, t_tail = _topk_support(student_logits, teacher_topk_ids, teacher_topk_logprobs, tail)
     return _topk_output(_generalized_jsd(logp_s, logp_t, beta), t_tail, mask, weights)
+
+
+# ---------------------------------------------------------------------------------------------------
+# registry: what the trainer calls on one micro-batch, keyed by (loss.kind, the teacher signal it reads)
+
+
+@dataclass
+class TeacherTensors:
+    """One micro-batch's teacher signal on its AssistantBatch's [B, N] grid; only what the loss needs is set."""
+
+    logprobs: Tensor | None = None  # [B, N] log pi_T of the sampled tokens
+    logits: Tensor | None = None  # [B, N, V] full-vocabulary logits (the student logits' dtype)
+    topk_ids: Tensor | None = None  # [B, N, K] best first (0 on padding)
+    topk_logprobs: Tensor | None = None  # [B, N, K] (-1e4 on padding)
+
+
+# (student batch, teacher tensors, loss config, GRPO outcome advantages [B] or None) -> loss
+LossFn = Callable[[AssistantBatch, TeacherTensors, "LossConfig", Tensor | None], LossOutput]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    kind: str
+    needs: Needs  # "none": no teacher; "logprobs": sampled tokens; "topk": top-k ids + logprobs; "logits": full
+    fn: LossFn
+
+
+LOSSES: dict[tuple[str, Needs], LossSpec] = {}
+SFT = "sft"  # the loss of off-policy batches without teacher distributions; not a loss.kind
+
+
+def register_loss(kind: str, needs: Needs) -> Callable[[LossFn], LossFn]:
+    """Decorator: ``fn`` is loss.kind=``kind`` on batches whose teacher signal is ``needs``. A "logprobs"
+    entry is used on on-policy batches only (a policy gradient on the student's own samples); otherwise
+    loss.top_k > 0 picks the "topk" entry and loss.top_k = 0 the "logits" one."""
+    def add(fn: LossFn) -> LossFn:
+        if (kind, needs) in LOSSES:
+            raise ValueError(f"loss {kind!r} reading {needs!r} is registered twice")
+        LOSSES[(kind, needs)] = LossSpec(kind, needs, fn)
+        return fn
+    return add
+
+
+def loss_kinds() -> list[str]:
+    """The values loss.kind accepts."""
+    return sorted({kind for kind, _ in LOSSES} - {SFT})
+
+
+def select_loss(kind: str, top_k: int, on_policy: bool, sft: bool) -> LossSpec:
+    """The registered loss of a micro-batch (``sft``: the batch has no teacher distributions)."""
+    if sft:
+        return LOSSES[(SFT, "none")]
+    if on_policy and (kind, "logprobs") in LOSSES:
+        return LOSSES[(kind, "logprobs")]
+    needs: Needs = "topk" if top_k else "logits"
+    if (kind, needs) not in LOSSES:
+        raise ConfigError(f"loss.kind={kind} has no {'top-k' if top_k else 'full-vocabulary'} variant; "
+                          f"set loss.top_k {'= 0' if top_k else '> 0'}")
+    return LOSSES[(kind, needs)]
+
+
+@register_loss(SFT, "none")
+def _sft(batch: AssistantBatch, teacher: TeacherTensors, cfg: LossConfig, adv: Tensor | None) -> LossOutput:
+    nll = cross_entropy(batch)
+    return LossOutput(nll, {"nll": nll.item()})
+
+
+@register_loss("reverse_kl", "logprobs")
+def _reverse_kl_pg(batch: AssistantBatch, teacher: TeacherTensors, cfg: LossConfig, adv: Tensor | None) -> LossOutput:
+    assert teacher.logprobs is not None
+    adv = adv.to(batch.mask.device) if adv is not None else None
+    # One update per batch: the sampling policy is the current student, so the trainer's own logprobs are
+    # pi_old (ratio 1, the exact on-policy gradient); the engine's recorded ones differ by numerics only
+    # (batch shapes, another engine), which tis_cap corrects for when asked.
+    old = batch.logprobs.detach()
+    weights = batch.weights
+    if cfg.tis_cap is not None:
+        weights = weights * torch.exp(old - batch.sampling_logprobs).clamp(max=cfg.tis_cap)
+    return reverse_kl_pg_loss(batch.logprobs, old, teacher.logprobs, batch.mask, weights, clip_eps=cfg.clip_eps,
+                              coef=cfg.kl_coef, outcome_advantages=adv)
+
+
+@register_loss("reverse_kl", "logits")
+def _reverse_kl_full(batch: AssistantBatch, teacher: TeacherTensors, cfg: LossConfig, adv: Tensor | None) -> LossOutput:
+    assert teacher.logits is not None
+    return reverse_kl_full_loss(batch.logits, teacher.logits, batch.mask, batch.weights)
+
+
+@register_loss("reverse_kl", "topk")
+def _reverse_kl_topk(batch: AssistantBatch, teacher: TeacherTensors, cfg: LossConfig, adv: Tensor | None) -> LossOutput:
+    assert teacher.topk_ids is not None and teacher.topk_logprobs is not None
+    return topk_generalized_jsd_loss(batch.logits, teacher.topk_ids, teacher.topk_logprobs, batch.mask, 1.0,
+                                     batch.weights, tail=cfg.tail)
+
+
+@register_loss("forward_kl", "logits")
+def _forward_kl(batch: AssistantBatch, teacher: TeacherTensors, cfg: LossConfig, adv: Tensor | None) -> LossOutput:
+    assert teacher.logits is not None
+    return forward_kl_loss(batch.logits, teacher.logits, batch.mask, batch.weights)
+
+
+@register_loss("forward_kl", "topk")
+def _forward_kl_topk(batch: AssistantBatch, teacher: TeacherTensors, cfg: LossConfig, adv: Tensor | None) -> LossOutput:
+    assert teacher.topk_ids is not None and teacher.topk_logprobs is not None
+    return topk_forward_kl_loss(batch.logits, teacher.topk_ids, teacher.topk_logprobs, batch.mask, batch.weights,
+                                tail=cfg.tail)
+
+
+@register_loss("jsd", "logits")
+def _jsd(batch: AssistantBatch, teacher: TeacherTensors, cfg: LossConfig, adv: Tensor | None) -> LossOutput:
+    assert teacher.logits is not None
+    return generalized_jsd_loss(batch.logits, teacher.logits, batch.mask, cfg.beta, batch.weights)
+
+
+@register_loss("jsd", "topk")
+def _jsd_topk(batch: AssistantBatch, teacher: TeacherTensors, cfg: LossConfig, adv: Tensor | None) -> LossOutput:
+    assert teacher.topk_ids is not None and teacher.topk_logprobs is not None
+    return topk_generalized_jsd_loss(batch.logits, teacher.topk_ids, teacher.topk_logprobs, batch.mask, cfg.beta,
+                                     batch.weights, tail=cfg.tail)

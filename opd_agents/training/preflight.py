@@ -18,6 +18,7 @@ from opd_agents.models import check_model, tokenizer_dir
 from opd_agents.env.registry import make_env, resolve_env_id
 from opd_agents.rollout.engine import check_engine
 from opd_agents.teacher import ServerTeacher, make_teacher
+from opd_agents.training.losses import LOSSES
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -56,7 +57,7 @@ def check_teacher_settings(cfg: RunConfig) -> None:
         return
     refused = {
         f"loss.kind={loss.kind} with loss.top_k=0 needs full-vocabulary teacher logits (teacher.backend=hf, "
-        f"or set loss.top_k > 0)": loss.kind != "reverse_kl" and loss.top_k == 0,
+        f"or set loss.top_k > 0)": (loss.kind, "logprobs") not in LOSSES and loss.top_k == 0,  # no sampled-token loss
         **{what: True for what in cfg.divergence.build().unsupplied(backend)},  # policies' teacher signals
         "train.off_policy_source=teacher with train.on_policy_fraction < 1 lets the teacher play episodes "
         "(teacher.backend=hf)": train.on_policy_fraction < 1 and train.off_policy_source == "teacher",

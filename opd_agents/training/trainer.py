@@ -27,13 +27,10 @@ from opd_agents.config import RunConfig
 from opd_agents.errors import OpdError
 from opd_agents.training.divergence import annotate_turns, step_divergence_metrics
 from opd_agents.training.evaluation import Evaluator, MetricsLog
-from opd_agents.training.losses import (
-    LossOutput, forward_kl_loss, generalized_jsd_loss, grpo_advantages, reverse_kl_pg_loss,
-    topk_forward_kl_loss, topk_generalized_jsd_loss,
-)
-from opd_agents.models import load_model
+from opd_agents.training.losses import LossOutput, LossSpec, grpo_advantages, select_loss
+from opd_agents.training.policies.base import Needs
 from opd_agents.training.policies.signals import topk_signals
-from opd_agents.training.policy import AssistantBatch, adamw, assistant_batch, cross_entropy, pad_rows
+from opd_agents.training.policy import adamw, assistant_batch, cross_entropy, pad_rows
 from opd_agents.training.preflight import preflight
 from opd_agents.env.registry import make_env
 from opd_agents.rollout.renderer import ChatMLRenderer
@@ -42,8 +39,9 @@ from opd_agents.rollout.runner import Rollout
 from opd_agents.rollout.engine import make_engine
 from opd_agents.training.components import build_teacher, load_student, load_weights, pick_device, privileged_reference
 from opd_agents.store import TrajectoryWriter
-from opd_agents.teacher import TeacherScores, apply_scores
 from opd_agents.teacher.online import OnlineTeacher
+from opd_agents.training.producers import OffPolicyProducer
+from opd_agents.training.signal import TeacherSignal, gather_teacher_signal
 from opd_agents.training.view import TrainingView
 from opd_agents.types import SamplingParams, Trajectory
 
@@ -95,15 +93,14 @@ class Trainer:
         self.rock = (RockTokenMonitor(cfg.divergence, self.pad_id, cfg.train.micro_batch_size)
                      if cfg.divergence.rock_tokens != "off" else None)
         self.evaluator = Evaluator(cfg, self.env_factory, self.renderer, self.privileged)
+        self.producer = OffPolicyProducer(cfg, self.env_factory, self.renderer, self.privileged)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = adamw(params, cfg.train.lr)
         self.scheduler = get_scheduler(cfg.train.lr_schedule, self.optimizer, cfg.train.warmup_steps, cfg.train.steps)
         self.metrics = MetricsLog(self.run_dir)
         self.start_step = 0
         self.summary: dict[str, Any] = {}
-        self._teacher_rows: dict[str, torch.Tensor] = {}  # this step's full teacher logits per trajectory
         self._token_factors: dict[str, list[float]] = {}  # this step's per-token policy factors per trajectory
-        self._online_topk: dict[str, list[list[list[int]]]] = {}  # this step's teacher top-k ids from the rollout
         self._mismatch: list[torch.Tensor] = []  # this step's |log pi_trainer - log pi_engine| per sampled token
 
     def _setup_rollout_policies(self) -> None:
@@ -118,7 +115,7 @@ class Trainer:
                 raise OpdError("a rollout-time divergence policy on d_k needs an in-process (hf) teacher")
             # Full-vocabulary losses take the online pass's logits too: the teacher reads each token once.
             self.rollout.online_teacher = OnlineTeacher(model, self.renderer, self.teacher.view.prompt_ids,
-                                                        keep_logits=self._uses_full_teacher_logits(on_policy=True),
+                                                        keep_logits=self._loss_for(on_policy=True).needs == "logits",
                                                         keep_topk=self.policies.top_k)
 
     # ---- resume ------------------------------------------------------------------------------------
@@ -232,17 +229,18 @@ class Trainer:
         if on_policy:
             trajs = self.rollout.run(seeds)
         else:
-            trajs = self.evaluator.off_policy_trajectories(seeds, self.teacher, tc.off_policy_source)
+            trajs = self.producer.off_policy_trajectories(seeds, self.teacher, tc.off_policy_source)
         t_roll = time.perf_counter()
         online = self.rollout.online_teacher if on_policy else None
         online_tokens = online.tokens_processed - online_before if online else 0
-        scores, teacher_tokens = self._teacher_signal(trajs, on_policy, online)
-        topk = {t.id: s for t, s in zip(trajs, scores, strict=False)} if cfg.loss.top_k else {}
+        loss_spec = self._loss_for(on_policy)
+        teacher = gather_teacher_signal(self.teacher, trajs, online, self._teacher_need(loss_spec, on_policy),
+                                        top_k=max(cfg.loss.top_k, self.policies.top_k))
         t_div = time.perf_counter()
-        signals = topk_signals(self.policies.top_k, trajs, scores, self._online_topk, self._teacher_rows,
-                               self.student, self.pad_id, tc.micro_batch_size) if self.policies.top_k else {}
-        for t, s in zip(trajs, scores or [None] * len(trajs), strict=True):
-            annotate_turns(t, s.topk_logprobs if s is not None else None)
+        signals = topk_signals(self.policies.top_k, trajs, teacher, self.student, self.pad_id,
+                               tc.micro_batch_size) if self.policies.top_k else {}
+        for t in trajs:
+            annotate_turns(t, teacher.topk_logprobs.get(t.id))
             factors = self.policies.apply(t, step / tc.steps, signals.get(t.id))
             if factors is not None:
                 self._token_factors[t.id] = factors
@@ -250,8 +248,8 @@ class Trainer:
         t_telemetry = time.perf_counter()
         rock_metrics = self.rock.observe(self.student, trajs if on_policy else []) if self.rock else {}
         t_rock = time.perf_counter()
-        aux = self.evaluator.best_teacher_trajectories(step_seeds(cfg.seed, step, tc.tasks_per_step),
-                                                        self.teacher, self.student) \
+        aux = self.producer.best_teacher_trajectories(step_seeds(cfg.seed, step, tc.tasks_per_step),
+                                                       self.teacher, self.student) \
             if tc.teacher_rollouts_per_task > 1 else []
 
         self.student.train()
@@ -264,13 +262,13 @@ class Trainer:
             if not any(t.num_assistant_tokens for t in micro):
                 continue
             adv = advantages[start : start + tc.micro_batch_size] if advantages is not None else None
-            out = self._micro_loss(micro, on_policy, adv, topk)
+            out = self._micro_loss(micro, loss_spec, on_policy, adv, teacher)
             share = sum(t.num_assistant_tokens for t in micro) / n_tokens  # token-mean over the whole step
             (out.loss * share).backward()
             total_loss += out.loss.item() * share
             for k, v in out.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v * share
-        self._teacher_rows, self._token_factors, self._online_topk = {}, {}, {}
+        self._token_factors = {}
         mismatch = torch.cat(self._mismatch) if self._mismatch else torch.empty(0)
         self._mismatch = []
         mismatch_metrics = {"mismatch/mean_abs": float(mismatch.mean()), "mismatch/p99": float(mismatch.quantile(0.99)),
@@ -290,65 +288,33 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
             **{f"loss/{k}": v for k, v in agg.items()}, **{f"rollout/{k}": v for k, v in roll.items()},
             **div_metrics, **rock_metrics, **mismatch_metrics,
-            "teacher_tokens": teacher_tokens, "teacher_tokens_rollout": online_tokens,
+            "teacher_tokens": teacher.tokens_processed, "teacher_tokens_rollout": online_tokens,
             "trajectory_tokens": sum(t.num_tokens for t in trajs), "student_tokens": n_tokens,
             "time/rollout_s": t_roll - t0, "time/teacher_s": t_div - t_roll, "time/telemetry_s": t_telemetry - t_div,
             "time/rock_s": t_rock - t_telemetry,
             "time/step_s": time.perf_counter() - t0,
         }
 
-    def _teacher_signal(self, trajs: list[Trajectory], on_policy: bool, online: OnlineTeacher | None,
-                        ) -> tuple[list[TeacherScores], int]:
-        """Get what the loss and the telemetry need from the teacher, reading each token once.
+    def _loss_for(self, on_policy: bool) -> LossSpec:
+        """The registered loss of this step's batches. Off-policy batches without teacher distributions
+        (expert data; teacher samples when the teacher gives no logits and loss.top_k = 0) are plain SFT."""
+        lc = self.cfg.loss
+        full = hasattr(self.teacher, "logits_for")  # in-process teachers give full-vocabulary logits
+        sft = not on_policy and (self.cfg.train.off_policy_source == "expert" or (not full and not lc.top_k))
+        spec = select_loss(lc.kind, lc.top_k, on_policy, sft)
+        if spec.needs == "logits" and not full:
+            raise OpdError(f"loss.kind={lc.kind} over the full vocabulary needs an in-process (hf) teacher; "
+                           f"with a server teacher set loss.top_k > 0")
+        return spec
 
-        Sets turn.teacher_logprobs on every turn and, for full-vocabulary losses, this step's teacher
-        logits rows. Sources, cheapest first: the online teacher (it scored every turn during the rollout,
-        keeping full logits when the loss needs them); else one full-logits pass (the loss's
-        distributions and the sampled-token logprobs at once); else sampled-token (or top-k) scoring.
-        Returns the per-trajectory scores (top-k lists for top-k losses and for policies that read the
-        teacher's top-k, as wide as the widest of them; [] otherwise) and the teacher tokens read after
-        the rollout."""
-        top_k = max(self.cfg.loss.top_k, self.policies.top_k)
-        online_rows = online.take_logits() if online is not None and online.keep_logits else {}
-        self._online_topk = online.take_topk() if online is not None and online.keep_topk else {}
-        # The online teacher keeps the policies' top-k ids but not the top-k logprobs a top-k loss needs.
-        scored_online = online is not None and self.cfg.loss.top_k == 0 and all(
-            turn.teacher_logprobs is not None for t in trajs for turn in t.turns)
-        if self._uses_full_teacher_logits(on_policy):
-            if scored_online and all(t.id in online_rows for t in trajs):
-                self._teacher_rows = online_rows
-                return [], 0
-            return [], self._full_teacher_pass(trajs)
-        if not self._needs_scores(on_policy) or scored_online:
-            return [], 0
-        scores = self.teacher.score_and_apply(trajs, top_k=top_k)
-        return scores, sum(s.tokens_processed for s in scores)
-
-    def _uses_full_teacher_logits(self, on_policy: bool) -> bool:
-        lc, tc = self.cfg.loss, self.cfg.train
-        sft = not on_policy and tc.off_policy_source == "expert"
-        pg = on_policy and lc.kind == "reverse_kl"
-        return self._has_full_teacher() and not lc.top_k and not sft and not pg
-
-    def _full_teacher_pass(self, trajs: list[Trajectory]) -> int:
-        """Teacher logits at every student token (kept for the loss); fills turn.teacher_logprobs."""
-        rows = self.teacher.logits_for(trajs)  # type: ignore[attr-defined]
-        processed = 0
-        for traj, row in zip(trajs, rows, strict=True):
-            self._teacher_rows[traj.id] = row
-            if not traj.turns:
-                continue
-            seq = self.teacher.view.build(traj)
-            target = torch.tensor(seq.target_ids, dtype=torch.long, device=row.device)
-            lps = torch.log_softmax(row, dim=-1).gather(1, target[:, None]).squeeze(1).tolist()
-            apply_scores(traj, TeacherScores(logprobs=seq.split(lps), tokens_processed=len(seq.input_ids)),
-                         self.teacher.teacher_id)
-            processed += len(seq.input_ids)
-        return processed
-
-    def _needs_scores(self, on_policy: bool) -> bool:
-        """Sampled-token teacher logprobs: the PG loss and telemetry; top-k losses need the top-k lists."""
-        return on_policy or self.cfg.loss.top_k > 0
+    def _teacher_need(self, loss: LossSpec, on_policy: bool) -> Needs:
+        """What a step reads from the teacher: the loss's need, widened for telemetry and policies (on-policy
+        batches always get the sampled-token logprobs; a top-k run gets the top-k lists of every batch)."""
+        if loss.needs == "logits":
+            return "logits"
+        if self.cfg.loss.top_k:
+            return "topk"
+        return "logprobs" if on_policy else "none"
 
     def _outcome_advantages(self, trajs: list[Trajectory]) -> torch.Tensor | None:
         if self.cfg.loss.outcome_coef <= 0:
@@ -356,9 +322,8 @@ class Trainer:
         rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
         return grpo_advantages(rewards, [t.seed for t in trajs]) * self.cfg.loss.outcome_coef
 
-    def _micro_loss(self, micro: list[Trajectory], on_policy: bool, advantages: torch.Tensor | None,
-                    topk: dict[str, Any]) -> LossOutput:
-        lc = self.cfg.loss
+    def _micro_loss(self, micro: list[Trajectory], loss: LossSpec, on_policy: bool,
+                    advantages: torch.Tensor | None, teacher: TeacherSignal) -> LossOutput:
         batch = assistant_batch(self.student, [TrainingView.from_trajectory(t) for t in micro], self.pad_id)
         factors = [self._token_factors.get(t.id) for t in micro]
         if any(f is not None for f in factors):  # token-level policies (iw_opd, topk_drift)
@@ -368,56 +333,10 @@ class Trainer:
         if self.rock is not None:
             batch.weights = batch.weights * self.rock.token_weights(batch.targets)
         batch.mask = batch.mask * (batch.weights > 0)  # turns a truncation policy dropped carry no loss
-        off_policy_sft = not on_policy and (self.cfg.train.off_policy_source == "expert"
-                                            or (not self._has_full_teacher() and not lc.top_k))
-        if off_policy_sft:  # expert data, or teacher samples without teacher distributions: plain SFT
-            nll = cross_entropy(batch)
-            return LossOutput(nll, {"nll": nll.item()})
         if on_policy and self.cfg.sampling_temperature == 1.0:  # engine vs trainer numerics, same weights
             self._mismatch.append((batch.logprobs.detach() - batch.sampling_logprobs)[batch.mask > 0].abs().cpu())
-        if lc.kind == "reverse_kl" and on_policy:
-            adv = advantages.to(batch.mask.device) if advantages is not None else None
-            # One update per batch: the sampling policy is the current student, so the trainer's own
-            # logprobs are pi_old (ratio 1, the exact on-policy gradient); the engine's recorded ones differ
-            # by numerics only (batch shapes, another engine), which tis_cap corrects for when asked.
-            old = batch.logprobs.detach()
-            weights = batch.weights
-            if lc.tis_cap is not None:
-                weights = weights * torch.exp(old - batch.sampling_logprobs).clamp(max=lc.tis_cap)
-            return reverse_kl_pg_loss(batch.logprobs, old, batch.teacher_logprobs, batch.mask,
-                                      weights, clip_eps=lc.clip_eps, coef=lc.kl_coef, outcome_advantages=adv)
-        beta = 0.0 if lc.kind == "forward_kl" else (1.0 if lc.kind == "reverse_kl" else lc.beta)
-        if lc.top_k:
-            ids, lps = self._topk_tensors(micro, topk, batch)
-            if beta == 0.0:
-                return topk_forward_kl_loss(batch.logits, ids, lps, batch.mask, batch.weights, tail=lc.tail)
-            return topk_generalized_jsd_loss(batch.logits, ids, lps, batch.mask, beta, batch.weights, tail=lc.tail)
-        teacher_logits = self._teacher_logits(micro, batch)
-        if beta == 0.0:
-            return forward_kl_loss(batch.logits, teacher_logits, batch.mask, batch.weights)
-        return generalized_jsd_loss(batch.logits, teacher_logits, batch.mask, beta, batch.weights)
-
-    def _has_full_teacher(self) -> bool:
-        return hasattr(self.teacher, "logits_for")
-
-    def _teacher_logits(self, micro: list[Trajectory], batch: AssistantBatch) -> torch.Tensor:
-        if not self._has_full_teacher():
-            raise OpdError(f"loss.kind={self.cfg.loss.kind} over the full vocabulary needs an in-process (hf) "
-                           f"teacher; with a server teacher set loss.top_k > 0")
-        rows = [self._teacher_rows[t.id].to(batch.logits.device, batch.logits.dtype) for t in micro]
-        return pad_rows(rows, batch.logits.shape[1])
-
-    def _topk_tensors(self, micro: list[Trajectory], topk: dict[str, Any], batch: AssistantBatch,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        ids_rows, lp_rows = [], []
-        k = self.cfg.loss.top_k  # the scores may be wider when a policy reads a wider top-k
-        for t in micro:
-            s = topk[t.id]
-            ids_rows.append(torch.tensor([pos[:k] for turn in s.topk_ids for pos in turn], dtype=torch.long))
-            lp_rows.append(torch.tensor([pos[:k] for turn in s.topk_logprobs for pos in turn], dtype=torch.float32))
-        width = batch.logits.shape[1]
-        dev = batch.logits.device
-        return pad_rows(ids_rows, width, 0).to(dev), pad_rows(lp_rows, width, -1e4).to(dev)
+        tensors = teacher.tensors(micro, batch, loss.needs, self.cfg.loss.top_k)
+        return loss.fn(batch, tensors, self.cfg.loss, advantages)
 
     def _aux_loss(self, teacher_trajs: list[Trajectory]) -> float:
         """Best-of-N auxiliary loss: NLL of the selected teacher trajectories, small weight (BRTS)."""

@@ -1,0 +1,121 @@
+"""The teacher's signal for one training step: one typed object, and the one function that decides where it
+comes from.
+
+Sources, cheapest first: the online teacher (it scored every turn during the rollout, keeping full logits or
+top-k ids when asked); else one full-logits pass (the loss's distributions and the sampled-token logprobs at
+once); else sampled-token (or top-k) scoring. Whatever the source, the sampled-token logprobs are also on
+the turns (``turn.teacher_logprobs``: telemetry and the stores read them there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from opd_agents.teacher import Teacher, TeacherScores, apply_scores
+from opd_agents.teacher.online import OnlineTeacher
+from opd_agents.training.losses import TeacherTensors
+from opd_agents.training.policies.base import Needs
+from opd_agents.training.policy import AssistantBatch, pad_rows
+from opd_agents.types import Trajectory
+
+
+@dataclass
+class TeacherSignal:
+    """What the teacher gave for a step's trajectories, per trajectory id (each dict holds only the
+    trajectories it was obtained for). Per-token lists are per turn, aligned with ``turn.token_ids``."""
+
+    logprobs: dict[str, list[list[float]]] = field(default_factory=dict)  # log pi_T of the sampled tokens
+    logits: dict[str, Tensor] = field(default_factory=dict)  # [assistant tokens, V] full-vocabulary logits
+    topk_ids: dict[str, list[list[list[int]]]] = field(default_factory=dict)  # scored top-k, best first
+    topk_logprobs: dict[str, list[list[list[float]]]] = field(default_factory=dict)
+    online_topk_ids: dict[str, list[list[list[int]]]] = field(default_factory=dict)  # the policies' width
+    tokens_processed: int = 0  # teacher tokens read after the rollout
+
+    def policy_topk_ids(self, traj: Trajectory, k: int) -> list[list[list[int]]] | None:
+        """The teacher's top-k ids that divergence policies read: from the logits rows when there are any
+        (free), else the online teacher's, else the scored ones."""
+        if traj.id in self.logits:
+            return split_turns(traj, self.logits[traj.id].topk(k, dim=-1).indices.tolist())
+        return self.online_topk_ids.get(traj.id, self.topk_ids.get(traj.id))
+
+    def tensors(self, micro: Sequence[Trajectory], batch: AssistantBatch, needs: Needs, top_k: int) -> TeacherTensors:
+        """The micro-batch's rows of what a loss ``needs``, padded to ``batch``'s [B, N] grid on its device
+        (top-k lists cut to the loss's ``top_k``: a policy may have asked for wider ones)."""
+        width, device = batch.logits.shape[1], batch.logits.device
+        if needs == "logprobs":
+            rows = [torch.tensor([x for turn in self.logprobs[t.id] for x in turn], dtype=torch.float32) for t in micro]
+            return TeacherTensors(logprobs=pad_rows(rows, width).to(device))
+        if needs == "logits":
+            return TeacherTensors(logits=pad_rows([self.logits[t.id].to(device, batch.logits.dtype) for t in micro],
+                                                  width))
+        if needs == "topk":
+            ids = [torch.tensor([pos[:top_k] for turn in self.topk_ids[t.id] for pos in turn], dtype=torch.long)
+                   for t in micro]
+            lps = [torch.tensor([pos[:top_k] for turn in self.topk_logprobs[t.id] for pos in turn],
+                                dtype=torch.float32) for t in micro]
+            return TeacherTensors(topk_ids=pad_rows(ids, width, 0).to(device),
+                                  topk_logprobs=pad_rows(lps, width, -1e4).to(device))
+        return TeacherTensors()
+
+
+def gather_teacher_signal(teacher: Teacher, trajs: Sequence[Trajectory], online: OnlineTeacher | None,
+                          need: Needs, top_k: int) -> TeacherSignal:
+    """Get what a step reads from the teacher, reading each token once.
+
+    ``need``: "logits" (a full-vocabulary loss), "topk" (top-k ids and logprobs), "logprobs" (sampled
+    tokens) or "none". ``top_k``: the width to score at (the widest the loss or a policy reads). ``online``:
+    the teacher that scored the batch's turns during the rollout, None when the batch was not sampled with
+    it (off-policy batches)."""
+    signal = TeacherSignal()
+    rows = online.take_logits() if online is not None and online.keep_logits else {}
+    signal.online_topk_ids = online.take_topk() if online is not None and online.keep_topk else {}
+    # The online teacher keeps the policies' top-k ids but not the top-k logprobs a top-k loss needs.
+    scored_online = online is not None and need != "topk" and all(
+        turn.teacher_logprobs is not None for t in trajs for turn in t.turns)
+    if need == "logits":
+        if scored_online and all(t.id in rows for t in trajs):
+            signal.logits = rows
+        else:
+            signal.logits, signal.tokens_processed = _full_logits_pass(teacher, trajs)
+    elif need != "none" and not scored_online:
+        scores = teacher.score_and_apply(trajs, top_k=top_k)
+        for t, s in zip(trajs, scores, strict=True):
+            if s.topk_ids is not None and s.topk_logprobs is not None:
+                signal.topk_ids[t.id], signal.topk_logprobs[t.id] = s.topk_ids, s.topk_logprobs
+        signal.tokens_processed = sum(s.tokens_processed for s in scores)
+    for t in trajs:
+        lps = [turn.teacher_logprobs for turn in t.turns if turn.teacher_logprobs is not None]
+        if len(lps) == len(t.turns):  # a trajectory is scored whole or not at all
+            signal.logprobs[t.id] = lps
+    return signal
+
+
+def _full_logits_pass(teacher: Teacher, trajs: Sequence[Trajectory]) -> tuple[dict[str, Tensor], int]:
+    """Teacher logits at every student token, per trajectory, and the tokens read; fills turn.teacher_logprobs
+    from them (no second pass)."""
+    rows = teacher.logits_for(trajs)  # type: ignore[attr-defined]
+    processed = 0
+    for traj, row in zip(trajs, rows, strict=True):
+        if not traj.turns:
+            continue
+        seq = teacher.view.build(traj)
+        target = torch.tensor(seq.target_ids, dtype=torch.long, device=row.device)
+        lps = torch.log_softmax(row, dim=-1).gather(1, target[:, None]).squeeze(1).tolist()
+        apply_scores(traj, TeacherScores(logprobs=seq.split(lps), tokens_processed=len(seq.input_ids)),
+                     teacher.teacher_id)
+        processed += len(seq.input_ids)
+    return {t.id: row for t, row in zip(trajs, rows, strict=True)}, processed
+
+
+def split_turns(traj: Trajectory, flat: Sequence[Any]) -> list[list[Any]]:
+    """Cut a per-assistant-token list into per-turn lists."""
+    out, start = [], 0
+    for turn in traj.turns:
+        out.append(list(flat[start : start + len(turn.token_ids)]))
+        start += len(turn.token_ids)
+    return out
