@@ -55,3 +55,8 @@ class TeacherUnreachableError(TeacherError):
 
 class TeacherModelNotServedError(TeacherError):
     """A teacher server answers but does not serve the configured model."""
+
+
+class TeacherServersDownError(TeacherUnreachableError):
+    """No server of a multi-server teacher could answer a request (each refused, timed out or answered 5xx
+    until the retries or the time budget ran out); the message names every server with its last error."""

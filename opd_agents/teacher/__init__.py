@@ -45,7 +45,8 @@ def make_teacher(
 ) -> Teacher:
     """Build a teacher from a config (unknown keys are refused). ``student_tokenizer``: checked against
     the teacher's tokenizer. A server is checked at once (``ServerTeacher.check``: it answers, serves the
-    model and, given ``student_tokenizer``, tokenizes like the student), so a dead one fails here."""
+    model and, given ``student_tokenizer``, tokenizes like the student; every server of a list), so a dead
+    one fails here."""
     cfg = spec if isinstance(spec, TeacherConfig) else TeacherConfig.model_validate(dict(spec))
     if cfg.backend == "hf":
         teacher = HFTeacher(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype), batch_size=cfg.batch_size,
@@ -59,7 +60,8 @@ def make_teacher(
         server = ServerTeacher(cfg.model, cfg.api_base, api_key=cfg.api_key, concurrency=cfg.concurrency,
                                timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
                                score_timeout_s=cfg.score_timeout_s, check_timeout_s=cfg.check_timeout_s,
-                               privileged=privileged, renderer=renderer, teacher_id=cfg.teacher_id)
+                               cooldown_s=cfg.cooldown_s, privileged=privileged, renderer=renderer,
+                               teacher_id=cfg.teacher_id)
         server.check(student_tokenizer)
         return server
     path = resolve_model(cfg.model)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PreTrainedTokenizerBase
 
 from opd_agents.errors import TokenizerMismatchError
@@ -266,7 +266,9 @@ class TeacherConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(8, gt=0)
     # server
-    api_base: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    api_base: str | list[str] | None = Field(None, description=(
+        "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1, or a list of them: servers of the same "
+        "model, load-balanced, each checked before any work, a failed request retried on another"))
     api_key: str = "x"
     concurrency: int = Field(4, gt=0)
     timeout_s: float = Field(30.0, gt=0, description="one scoring request")
@@ -274,5 +276,19 @@ class TeacherConfig(BaseModel):
     backoff_s: float = Field(0.5, ge=0)
     score_timeout_s: float = Field(60.0, gt=0, description="one trajectory's scoring, retries and backoff included")
     check_timeout_s: float = Field(10.0, gt=0, description="each request of the start-up check (never retried)")
+    cooldown_s: float = Field(10.0, ge=0, description="a server whose request failed gets none for this long, "
+                                                       "then one probe request")
     # vllm
     max_model_len: int = Field(2048, gt=0)
+
+    @field_validator("api_base")
+    @classmethod
+    def _distinct_servers(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list):
+            urls = [u.rstrip("/") for u in value]
+            if not urls or not all(urls):
+                raise ValueError("a list of teacher servers needs at least one URL, and no empty ones")
+            if len(set(urls)) != len(urls):
+                raise ValueError(f"each teacher server once: {sorted({u for u in urls if urls.count(u) > 1})} "
+                                 f"is listed more than once")
+        return value

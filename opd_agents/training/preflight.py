@@ -72,7 +72,7 @@ def check_teacher_settings(cfg: RunConfig) -> None:
 
 
 def check_teacher_server(cfg: RunConfig) -> None:
-    """The server answers, serves teacher.model and tokenizes like the student (see ServerTeacher.check)."""
+    """Every server answers, serves teacher.model and tokenizes like the student (see ServerTeacher.check)."""
     teacher = make_teacher(cfg.teacher.backend_config())  # checks that it answers and serves teacher.model
     assert isinstance(teacher, ServerTeacher)
     teacher.check_tokenizer(student_tokenizer(cfg.student.model))  # only now: a dead server fails faster
