@@ -138,6 +138,8 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.steps=10")] = None,
 ) -> None:
     """Distil a teacher into the student on a tool environment (on-policy by default)."""
+    import torch.distributed
+
     from opd_agents.config import load_config
     from opd_agents.training.trainer import Trainer
 
@@ -150,6 +152,16 @@ def train(
         summary = trainer.train()
     except OpdError as e:
         fail(e)
+    except torch.distributed.DistError as e:  # a rank died or hung: this rank's collective failed
+        console.print(Text.assemble(("error:", "bold red"), f" distributed training stopped: another rank failed "
+                                    f"or timed out ({type(e).__name__}: {str(e).splitlines()[0]}); continue with "
+                                    "--resume"), soft_wrap=True, highlight=False)
+        raise typer.Exit(code=1) from None
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not trainer.dist.is_main:
+        return
     table = Table("", "held-out success", min_width=64,
                   title=f"{cfg.env.id} · {cfg.eval.episodes} held-out tasks · seed {cfg.seed}")
     for key, label in (("student_before", "student before"), ("student_after", "student after"),

@@ -126,6 +126,11 @@ class TrainLoopConfig(_Strict):
     teacher_rollouts_per_task: int = Field(1, gt=0, description="best-of-N teacher trajectories; 1 = plain OPD")
     teacher_aux_weight: float = Field(0.05, ge=0.0)
     checkpoint_every: int = Field(20, gt=0)
+    parallel: Literal["none", "ddp", "fsdp"] = Field("none", description=(
+        "under torchrun: ddp = a full student per rank, gradients all-reduced; fsdp = the student sharded "
+        "over the ranks (FSDP2). Each rank plays its slice of a step's tasks"))
+    dist_timeout_s: float = Field(600.0, gt=0, description=(
+        "a collective waiting longer than this (a rank hung) fails the whole job"))
 
 
 class RunConfig(_Strict):

@@ -145,10 +145,12 @@ class Rollout:
         """Restart sampling from ``seed`` (the trainer reseeds per step so a resumed run samples identically)."""
         self._seed = seed
 
-    def run(self, seeds: Sequence[int], progress: bool = False) -> list[Trajectory]:
-        return run_sync(self.arun(seeds, progress))
+    def run(self, seeds: Sequence[int], progress: bool = False, first_position: int = 0) -> list[Trajectory]:
+        return run_sync(self.arun(seeds, progress, first_position))
 
-    async def arun(self, seeds: Sequence[int], progress: bool = False) -> list[Trajectory]:
+    async def arun(self, seeds: Sequence[int], progress: bool = False, first_position: int = 0) -> list[Trajectory]:
+        """``first_position``: where ``seeds`` start in a longer list played elsewhere too (a rank's slice of
+        a step): sampling depends on the place in the whole list, so the slices sample as the whole would."""
         t0 = time.perf_counter()
         slots = asyncio.Semaphore(self.max_episodes)
         done: list[Trajectory] = []
@@ -164,7 +166,7 @@ class Rollout:
                 return traj
 
             with ThreadPoolExecutor(max_workers=8, thread_name_prefix="opd-env") as self._pool:  # env steps
-                trajs = list(await asyncio.gather(*(one(i, s) for i, s in enumerate(seeds))))
+                trajs = list(await asyncio.gather(*(one(i, s) for i, s in enumerate(seeds, first_position))))
         wall = time.perf_counter() - t0
         for traj in trajs:
             traj.metrics["rollout_wall_s"] = wall

@@ -24,9 +24,11 @@ import numpy as np
 import torch
 
 from opd_agents.errors import OpdError
+from opd_agents.training.distributed import Dist
 
 LATEST = "latest"
 META = "meta.json"
+OPTIMIZER = "optimizer"  # torch.distributed.checkpoint dir: one shard file per rank
 
 
 class ResumeError(OpdError):
@@ -54,27 +56,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(ckpt_root: Path, step: int, model: Any, optimizer: torch.optim.Optimizer,
                     scheduler: Any, extra: dict[str, Any], tokenizer: Any = None,
-                    log_bytes: dict[str, int] | None = None) -> Path:
-    """``log_bytes``: the run logs' sizes at this step (``sync_logs``), which ``rewind_run_dir`` cuts back to."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+                    log_bytes: dict[str, int] | None = None, trained: torch.nn.Module | None = None,
+                    dist: Dist = Dist()) -> Path:
+    """``model``: the whole model (saved as a model dir); ``trained``: the module the optimizer steps (maybe
+    DDP / FSDP-wrapped; default ``model``), whose optimizer state every rank writes its shard of
+    (torch.distributed.checkpoint: loadable on any number of ranks). ``log_bytes``: the run logs' sizes at
+    this step (``sync_logs``), which ``rewind_run_dir`` cuts back to. Called by every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     final = ckpt_root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step_{step:06d}."))
+    tmp: Path | None = None
+    if dist.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step_{step:06d}."))
+    tmp = dist.broadcast(tmp)
+    assert tmp is not None
     try:
-        model.save_pretrained(tmp / "model")  # LoRA: the adapter only; full fine-tune: the whole model
-        if tokenizer is not None:  # so `--model RUN/checkpoints/step_N/model` loads like any model dir
-            tokenizer.save_pretrained(tmp / "model")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(), "step": step, **extra}, tmp / "trainer_state.pt")
-        (tmp / META).write_text(json.dumps({"step": step, "log_bytes": log_bytes or {}}))
-        if final.exists():  # moved aside first: a kill mid-delete must not leave a half-deleted step dir
-            os.replace(final, Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step_{step:06d}.old-")) / "x")
-        os.replace(tmp, final)
+        dcp.save({"optimizer": get_optimizer_state_dict(trained or model, optimizer)}, checkpoint_id=tmp / OPTIMIZER,
+                 no_dist=not dist.enabled)
+        if dist.is_main:
+            model.save_pretrained(tmp / "model")  # LoRA: the adapter only; full fine-tune: the whole model
+            if tokenizer is not None:  # so `--model RUN/checkpoints/step_N/model` loads like any model dir
+                tokenizer.save_pretrained(tmp / "model")
+            torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step, **extra},
+                       tmp / "trainer_state.pt")
+            (tmp / META).write_text(json.dumps({"step": step, "log_bytes": log_bytes or {}}))
+            if final.exists():  # moved aside first: a kill mid-delete must not leave a half-deleted step dir
+                os.replace(final, Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step_{step:06d}.old-")) / "x")
+            os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _remove_temp(ckpt_root, f".step_{step:06d}.old-*")
-    _write_text_atomic(ckpt_root / LATEST, final.name)
+    if dist.is_main:
+        _remove_temp(ckpt_root, f".step_{step:06d}.old-*")
+        _write_text_atomic(ckpt_root / LATEST, final.name)
+    dist.barrier()  # no rank goes on (or resumes) before the checkpoint is whole
     return final
+
+
+def load_optimizer(ckpt: Path, trained: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   dist: Dist = Dist()) -> None:
+    """Every rank loads its part of the optimizer state, whatever the world size it was saved with."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(trained, optimizer)}  # the layout to read into
+    dcp.load(state, checkpoint_id=ckpt / OPTIMIZER, no_dist=not dist.enabled)
+    set_optimizer_state_dict(trained, optimizer, state["optimizer"])
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:

@@ -18,6 +18,7 @@ from opd_agents.env.core import ToolEnv
 from opd_agents.models import load_model
 from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.teacher.sft import build_sft_teacher
+from opd_agents.training.distributed import Dist
 from opd_agents.teacher import PrivilegedFn, Teacher, make_teacher
 from opd_agents.types import Trajectory
 
@@ -78,13 +79,17 @@ def privileged_reference(env_factory: Callable[[], ToolEnv]) -> PrivilegedFn:
 
 def build_teacher(cfg: RunConfig, env_factory: Callable[[], ToolEnv], student_tok: PreTrainedTokenizerBase,
                   renderer: ChatMLRenderer, privileged: PrivilegedFn | None, device: torch.device,
-                  console: Console) -> Teacher:
+                  console: Console, dist: Dist = Dist()) -> Teacher:
     tcfg = cfg.teacher.backend_config()
     if cfg.teacher.sft_from_expert is not None:
         sft = cfg.teacher.sft_from_expert
+        if not dist.is_main:  # rank 0 builds it (within train.dist_timeout_s); the others then reuse it
+            dist.barrier()
         path = build_sft_teacher(cfg.teacher.model, env_factory, cfg.env.id, renderer.parser,
                                  Path(cfg.run_dir) / "sft_teacher", sft.episodes, sft.steps, sft.batch_size,
                                  sft.lr, cfg.seed, log=console.print, env_kwargs=cfg.env.kwargs)
+        if dist.is_main:
+            dist.barrier()
         tcfg = tcfg.model_copy(update={"model": str(path)})
     if tcfg.backend == "hf" and tcfg.device == "cpu" and device.type != "cpu":
         tcfg = tcfg.model_copy(update={"device": str(device)})

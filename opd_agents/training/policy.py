@@ -45,35 +45,65 @@ def pad_rows(rows: Sequence[Tensor], width: int, value: float = 0.0) -> Tensor:
     return out
 
 
-def assistant_batch(model: PreTrainedModel, views: Sequence[TrainingView], pad_token_id: int) -> AssistantBatch:
-    """The student's logits at every assistant token of ``views`` (with grad). The rows' common prefix
-    (system prompt + tool schemas; the whole task prompt under group sampling) runs once and its cache is
-    shared by the rows, so its forward and backward cost is paid once per batch."""
+class StudentLogits(torch.nn.Module):
+    """The student's forward for training: decoder, then the LM head at the given positions only, in one
+    ``forward`` so a DDP / FSDP wrapper around this module sees (syncs, gathers) every parameter it uses."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+        # Computing a shared prefix once runs each layer twice per forward; FSDP2 frees a layer's gathered
+        # weights after each use, which the first use's backward still needs: sharded students feed whole rows.
+        self.share_prefix = True
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, cols: Tensor, slots: Tensor,
+                width: int, prefix: int = 0) -> Tensor:
+        """Logits [B, width, V]: at [rows[i], slots[i]] the logits after position cols[i] of row rows[i] (the
+        rest 0); ``prefix``: the rows' common prefix, computed once."""
+        decoder = self.model.get_decoder()
+        if prefix:
+            out = forward_shared_prefix(decoder, input_ids, attention_mask, prefix)
+        else:
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state  # type: ignore[attr-defined]  # columns prefix..W-1
+        head = self.model.get_output_embeddings()
+        logits = head(hidden[rows, cols - prefix])  # [M, V]
+        full = logits.new_zeros(len(input_ids), width, logits.shape[-1])
+        full[rows, slots] = logits
+        if not len(rows):  # keep the head in the graph: a wrapper expects a gradient for every parameter
+            full = full + 0.0 * head(hidden[:1, 0]).sum()
+        return full
+
+
+def assistant_batch(model: PreTrainedModel | torch.nn.Module, views: Sequence[TrainingView],
+                    pad_token_id: int) -> AssistantBatch:
+    """The student's logits at every assistant token of ``views`` (with grad). ``model``: a causal LM, or
+    its ``StudentLogits`` (possibly inside DDP / FSDP). The rows' common prefix (system prompt + tool
+    schemas; the whole task prompt under group sampling) runs once and its cache is shared by the rows,
+    so its forward and backward cost is paid once per batch."""
+    forward = StudentLogits(model) if hasattr(model, "get_decoder") else model
     batch = collate(views, pad_token_id)
-    device = next(model.parameters()).device
+    device = next(forward.parameters()).device
     first_targets = [v.loss_mask.index(1) if 1 in v.loss_mask else len(v) for v in views]
     prefix = min(common_prefix_len([v.input_ids for v in views]), min(first_targets) - 1)
-    prefix = prefix if len(views) > 1 and prefix >= MIN_SHARED_PREFIX else 0
-    ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    if prefix:
-        out = forward_shared_prefix(model.get_decoder(), ids, attention, prefix)
-    else:
-        out = model.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False)
-    hidden = out.last_hidden_state  # type: ignore[attr-defined]  # columns prefix..W-1
-    head = model.get_output_embeddings()
-    counts = [int(v.sum()) for v in batch["loss_mask"]]
+    prefix = prefix if len(views) > 1 and prefix >= MIN_SHARED_PREFIX and getattr(forward, "share_prefix", True) else 0
+    loss_mask = batch["loss_mask"]
+    rows, pos = loss_mask.nonzero(as_tuple=True)  # row-major: each row's targets in order
+    slots = (loss_mask.cumsum(1) - 1).long()[rows, pos]  # the target's place among its row's targets
+    counts = [int(v.sum()) for v in loss_mask]
     width = max(max(counts), 1)
-    rows = []
+    # logits at p-1 predict the token at p
+    logits = forward(batch["input_ids"].to(device), batch["attention_mask"].to(device), rows.to(device),
+                     (pos - 1).to(device), slots.to(device), width, prefix)
     fields: dict[str, list[Tensor]] = {k: [] for k in ("input_ids", "sampling_logprobs", "teacher_logprobs",
                                                         "token_weights", "turn_index")}
     for b in range(len(views)):
-        pos = batch["loss_mask"][b].nonzero().squeeze(1)
-        rows.append(head(hidden[b, (pos - 1 - prefix).to(device)]))  # logits at p-1 predict the token at p
+        at = loss_mask[b].nonzero().squeeze(1)
         for k in fields:
-            fields[k].append(batch[k][b, pos])
+            fields[k].append(batch[k][b, at])
     mask = pad_rows([torch.ones(c) for c in counts], width)
     return AssistantBatch(
-        logits=pad_rows(rows, width),
+        logits=logits,
         targets=pad_rows(fields["input_ids"], width, 0).long().to(device),
         mask=mask.to(device),
         sampling_logprobs=pad_rows(fields["sampling_logprobs"], width).to(device),

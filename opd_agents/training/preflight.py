@@ -17,6 +17,7 @@ from opd_agents.errors import ConfigError, OpdError
 from opd_agents.models import check_model, tokenizer_dir
 from opd_agents.env.registry import make_env, resolve_env_id
 from opd_agents.rollout.engine import check_engine
+from opd_agents.training.distributed import check_launch
 from opd_agents.teacher import ServerTeacher, make_teacher
 from opd_agents.training.losses import LOSSES
 
@@ -25,6 +26,9 @@ def preflight(cfg: RunConfig) -> None:
     """Raise an OpdError naming the first problem of ``cfg`` that shows before any work."""
     check_env(cfg.env)
     check_engine(cfg.rollout.engine)
+    check_launch(cfg.train.parallel, fsdp_refused=fsdp_refused(cfg), counts={
+        "train.tasks_per_step": cfg.train.tasks_per_step, "eval.episodes": cfg.eval.episodes,
+        "teacher_strength.episodes": cfg.teacher_strength.episodes})
     if cfg.rollout.engine == "vllm" and cfg.student.lora is not None:
         raise ConfigError("rollout.engine=vllm cannot load a LoRA student's weights yet: use rollout.engine=hf "
                           "with student.lora")
@@ -34,6 +38,17 @@ def preflight(cfg: RunConfig) -> None:
         check_teacher_server(cfg)
     else:
         check_model(cfg.teacher.model)
+
+
+def fsdp_refused(cfg: RunConfig) -> list[str]:
+    """Features that run the student outside the training forward (the sharded parameters are not there)."""
+    refused = {
+        "divergence.rock_tokens (re-reads a probe batch with the student)": cfg.divergence.rock_tokens != "off",
+        "divergence policies that compare the student's top-k": cfg.divergence.build().top_k > 0,
+        "train.teacher_rollouts_per_task > 1 (ranks teacher samples by the student)":
+            cfg.train.teacher_rollouts_per_task > 1,
+    }
+    return [what for what, bad in refused.items() if bad]
 
 
 def check_env(env: EnvConfig) -> None:

@@ -26,13 +26,14 @@ REACHABLE_TOP_K = 16  # BRTS: a teacher token is student-reachable if it is in t
 
 def play(cfg: RunConfig, env_factory: Callable[[], ToolEnv], renderer: ChatMLRenderer, model: PreTrainedModel,
          seeds: Sequence[int], temperature: float, seed: int,
-         prompt_ids: Callable[[Trajectory], list[int]] | None = None) -> list[Trajectory]:
-    """``model`` plays the tasks of ``seeds`` on an HF engine; ``prompt_ids``: another prompt (privileged)."""
+         prompt_ids: Callable[[Trajectory], list[int]] | None = None, first_position: int = 0) -> list[Trajectory]:
+    """``model`` plays the tasks of ``seeds`` on an HF engine; ``prompt_ids``: another prompt (privileged);
+    ``first_position``: where ``seeds`` start in the whole list (a rank's slice; see ``Rollout.arun``)."""
     sampling = SamplingParams(temperature=temperature, max_tokens_per_turn=cfg.max_tokens_per_turn, seed=seed)
     rollout = Rollout(HFEngine(model, renderer), env_factory, sampling, model_id=str(model.name_or_path),
                       env_id=cfg.env.id, max_episodes=32, sampling_prompt=prompt_ids)
     try:
-        return rollout.run(seeds)
+        return rollout.run(seeds, first_position=first_position)
     finally:
         rollout.close()
 

@@ -3,12 +3,18 @@
 One `Trainer` owns the student, its optimizer and the teacher; everything else is a stage module
 (rollout, teacher, losses, checkpoint, evaluation). Data order is a pure function of (seed, step), so
 `--resume` continues with exactly the batches an uninterrupted run would have seen.
+
+Rank-aware throughout (``training/distributed.py``): under torchrun each rank plays its slice of a step's
+tasks, the loss is normalised by the whole job's token count, and rank 0 alone writes logs; with one
+process every collective is a no-op.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -21,8 +27,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import get_scheduler
 
 from opd_agents.training.checkpoint import (
-    latest_checkpoint, load_trainer_state, rewind_run_dir, save_checkpoint, set_rng_state, sync_logs,
+    latest_checkpoint, load_optimizer, load_trainer_state, rewind_run_dir, save_checkpoint, set_rng_state, sync_logs,
 )
+from opd_agents.training.distributed import as_float, full_state_dict, gradient_sync, init_distributed, wrap
 from opd_agents.config import RunConfig
 from opd_agents.errors import OpdError
 from opd_agents.training.divergence import annotate_turns, step_divergence_metrics
@@ -30,7 +37,7 @@ from opd_agents.training.evaluation import Evaluator, MetricsLog
 from opd_agents.training.losses import LossOutput, LossSpec, grpo_advantages, select_loss
 from opd_agents.training.policies.base import Needs
 from opd_agents.training.policies.signals import topk_signals
-from opd_agents.training.policy import adamw, assistant_batch, cross_entropy, pad_rows
+from opd_agents.training.policy import StudentLogits, adamw, assistant_batch, cross_entropy, pad_rows
 from opd_agents.training.preflight import preflight
 from opd_agents.env.registry import make_env
 from opd_agents.rollout.renderer import ChatMLRenderer
@@ -39,6 +46,7 @@ from opd_agents.rollout.runner import Rollout
 from opd_agents.rollout.engine import make_engine
 from opd_agents.training.components import build_teacher, load_student, load_weights, pick_device, privileged_reference
 from opd_agents.store import TrajectoryWriter
+from opd_agents.teacher import ServerTeacher
 from opd_agents.teacher.online import OnlineTeacher
 from opd_agents.training.producers import OffPolicyProducer
 from opd_agents.training.signal import TeacherSignal, gather_teacher_signal
@@ -64,11 +72,15 @@ class Trainer:
     def __init__(self, cfg: RunConfig, console: Console | None = None) -> None:
         preflight(cfg)  # before the run dir or any model: a bad id, path or server fails in seconds
         self.cfg = cfg
-        self.console = console or Console()
+        self.dist = init_distributed(cfg.device, cfg.train.dist_timeout_s)
+        self.console = (console or Console()) if self.dist.is_main else Console(quiet=True)
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
         self.device, self.dtype = pick_device(cfg.device, cfg.train.dtype)
+        if self.dist.device.type == "cuda":
+            self.device = self.dist.device
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
@@ -76,25 +88,30 @@ class Trainer:
         self.env_factory = lambda: make_env(cfg.env.id, **env_kwargs).unwrapped
         self.parser = self.env_factory().parser  # the env's tool-call format decides the sampler's stops
         self.student, self.tokenizer = load_student(cfg, self.device, self.dtype)
+        # The module the optimizer steps (forward + head in one call, so a DDP / FSDP wrapper sees it all);
+        # sampling and evaluation run a whole model: the student itself, or under FSDP a full copy that
+        # takes the gathered weights after every step.
+        self.sampler = copy.deepcopy(self.student) if cfg.train.parallel == "fsdp" and self.dist.enabled else self.student
+        self.trained = wrap(StudentLogits(self.student), cfg.train.parallel, self.dist)
         self.renderer = ChatMLRenderer(self.tokenizer, self.parser)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                           else self.renderer.im_end_id)
         self.sampling = SamplingParams(temperature=cfg.sampling_temperature,
                                        max_tokens_per_turn=cfg.max_tokens_per_turn, seed=cfg.seed)
         server = {"api_base": cfg.rollout.api_base} if cfg.rollout.api_base else {}
-        self.rollout = Rollout(make_engine(cfg.rollout.engine, model=self.student, renderer=self.renderer, **server),
+        self.rollout = Rollout(make_engine(cfg.rollout.engine, model=self.sampler, renderer=self.renderer, **server),
                                self.env_factory, self.sampling, model_id=cfg.student.model, env_id=cfg.env.id,
                                max_episodes=cfg.rollout.max_episodes)
         self.privileged = privileged_reference(self.env_factory) if cfg.teacher.privileged else None
         self.teacher = build_teacher(cfg, self.env_factory, self.tokenizer, self.renderer, self.privileged,
-                                     self.device, self.console)
+                                     self.device, self.console, self.dist)
         self.policies = cfg.divergence.build()
         self._setup_rollout_policies()
         self.rock = (RockTokenMonitor(cfg.divergence, self.pad_id, cfg.train.micro_batch_size)
                      if cfg.divergence.rock_tokens != "off" else None)
-        self.evaluator = Evaluator(cfg, self.env_factory, self.renderer, self.privileged)
+        self.evaluator = Evaluator(cfg, self.env_factory, self.renderer, self.privileged, self.dist)
         self.producer = OffPolicyProducer(cfg, self.env_factory, self.renderer, self.privileged)
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        params = [p for p in self.trained.parameters() if p.requires_grad]
         self.optimizer = adamw(params, cfg.train.lr)
         self.scheduler = get_scheduler(cfg.train.lr_schedule, self.optimizer, cfg.train.warmup_steps, cfg.train.steps)
         self.metrics = MetricsLog(self.run_dir)
@@ -120,17 +137,27 @@ class Trainer:
 
     # ---- resume ------------------------------------------------------------------------------------
     def resume(self) -> bool:
-        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        ckpt = self.dist.broadcast(latest_checkpoint(self.run_dir / "checkpoints"))
         if ckpt is None:  # train() then clears the run dir: its logs start over empty
             self.console.print("[yellow]--resume: no complete checkpoint yet; starting from step 0")
             return False
-        cut = {name: n for name, n in rewind_run_dir(self.run_dir, ckpt).items() if n}
-        if cut:  # records of steps after the checkpoint: they are redone, and logged again
-            self.console.print("cut back to the checkpoint: " + ", ".join(f"{n} bytes of {k}" for k, n in cut.items()))
-        load_weights(self.student, ckpt / "model")
-        self.rollout.engine.load_weights(self.student)
+        if self.dist.is_main:
+            cut = {name: n for name, n in rewind_run_dir(self.run_dir, ckpt).items() if n}
+            if cut:  # records of steps after the checkpoint: they are redone, and logged again
+                self.console.print("cut back to the checkpoint: " + ", ".join(f"{n} bytes of {k}" for k, n in cut.items()))
+        self.dist.barrier()
+        load_weights(self.sampler, ckpt / "model")
+        if self.sampler is not self.student:  # FSDP: each rank keeps its shard of the loaded weights
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.trained, {f"model.{k}": v for k, v in self.sampler.state_dict().items()},
+                                 options=StateDictOptions(full_state_dict=True))
+        self.rollout.engine.load_weights(self.sampler)
         state = load_trainer_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # a checkpoint from before the optimizer state had its own dir
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            load_optimizer(ckpt, self.trained, self.optimizer, self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.summary = state.get("summary", {})
@@ -147,23 +174,31 @@ class Trainer:
         cfg, t_start = self.cfg, time.perf_counter()
         last = min(cfg.train.steps, until_step or cfg.train.steps)
         if self.start_step == 0:
-            self._clear_previous_run()
+            if self.dist.is_main:
+                self._clear_previous_run()
+            self.dist.barrier()
             if cfg.eval.before or cfg.teacher_strength.episodes:
-                before = self.evaluator.evaluate(self.student, "student")
+                before = self.evaluator.evaluate(self.sampler, "student")
                 self.summary["student_before"] = before["success_rate"]
-                self.metrics.write({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+                self._log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
                 self._check_teacher_strength(before["success_rate"])
-        writer = TrajectoryWriter(self.run_dir / "trajectories.jsonl")
+        writer = TrajectoryWriter(self.run_dir / "trajectories.jsonl") if self.dist.is_main else None
         try:
             self._loop(last, writer)
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
             self.rollout.close()
         self.summary["wall_s"] = self.summary.get("wall_s", 0.0) + time.perf_counter() - t_start
-        (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=1))
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=1))
         return self.summary
 
-    def _loop(self, last: int, writer: TrajectoryWriter) -> None:
+    def _log(self, row: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            self.metrics.write(row)
+
+    def _loop(self, last: int, writer: TrajectoryWriter | None) -> None:
         cfg = self.cfg
         with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[live]}"), console=self.console) as bar:
@@ -171,16 +206,17 @@ class Trainer:
             for step in range(self.start_step + 1, last + 1):
                 row = self.train_step(step, writer)
                 if step % cfg.eval.every == 0 or step == cfg.train.steps:
-                    ev = self.evaluator.evaluate(self.student, "student")
+                    ev = self.evaluator.evaluate(self.sampler, "student")
                     row.update({f"eval/{k}": v for k, v in ev.items()})
                     self.summary["student_after"] = ev["success_rate"]
-                self.metrics.write(row)
+                self._log(row)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                     extra = {"summary": self.summary, **({"rock": self.rock.state_dict()} if self.rock else {})}
                     # The step's records are all written: their end on disk is where a resume cuts back to.
-                    save_checkpoint(self.run_dir / "checkpoints", step, self.student, self.optimizer,
+                    save_checkpoint(self.run_dir / "checkpoints", step, self.sampler, self.optimizer,
                                     self.scheduler, extra, tokenizer=self.tokenizer,
-                                    log_bytes=sync_logs(self.run_dir, RUN_LOGS))
+                                    log_bytes=sync_logs(self.run_dir, RUN_LOGS) if self.dist.is_main else None,
+                                    trained=self.trained, dist=self.dist)
                 live = f"loss {row['loss']:.3f} train-success {row['rollout/success_rate']:.2f}"
                 if "eval/success_rate" in row:
                     live += f" heldout {row['eval/success_rate']:.2f}"
@@ -207,7 +243,7 @@ class Trainer:
             return
         res = self.evaluator.evaluate(teacher_model, "teacher", episodes=strength.episodes, privileged=True)
         self.summary["teacher"] = res["success_rate"]
-        self.metrics.write({"step": 0, **{f"teacher_eval/{k}": v for k, v in res.items()}})
+        self._log({"step": 0, **{f"teacher_eval/{k}": v for k, v in res.items()}})
         gap = res["success_rate"] - student_success
         msg = (f"teacher success {res['success_rate']:.2f} vs student {student_success:.2f} on "
                f"{strength.episodes} held-out tasks (gap {gap:+.2f}, required {strength.min_gap:.2f})")
@@ -219,15 +255,17 @@ class Trainer:
             self.console.print(msg)
 
     # ---- one step ----------------------------------------------------------------------------------
-    def train_step(self, step: int, writer: TrajectoryWriter) -> dict[str, Any]:
-        cfg, tc = self.cfg, self.cfg.train
+    def train_step(self, step: int, writer: TrajectoryWriter | None) -> dict[str, Any]:
+        cfg, tc, dist = self.cfg, self.cfg.train, self.dist
         t0 = time.perf_counter()
-        seeds = [s for s in step_seeds(cfg.seed, step, tc.tasks_per_step) for _ in range(tc.group_size)]
+        tasks = step_seeds(cfg.seed, step, tc.tasks_per_step)
+        mine = dist.shard(len(tasks))  # this rank's tasks; sampling depends on the place in the whole step
+        seeds = [s for s in tasks[mine.start:mine.stop] for _ in range(tc.group_size)]
         on_policy = np.random.default_rng([cfg.seed, step, 1]).random() < tc.on_policy_fraction
         self.rollout.reseed(cfg.seed * 1_000_003 + step)
         online_before = self.rollout.online_teacher.tokens_processed if self.rollout.online_teacher else 0
         if on_policy:
-            trajs = self.rollout.run(seeds)
+            trajs = self.rollout.run(seeds, first_position=mine.start * tc.group_size)
         else:
             trajs = self.producer.off_policy_trajectories(seeds, self.teacher, tc.off_policy_source)
         t_roll = time.perf_counter()
@@ -244,54 +282,73 @@ class Trainer:
             factors = self.policies.apply(t, step / tc.steps, signals.get(t.id))
             if factors is not None:
                 self._token_factors[t.id] = factors
-        div_metrics = step_divergence_metrics(trajs) | self.policies.step_metrics(len(trajs))
+        everyone = dist.gather(trajs)  # the whole step's episodes, scored and weighted: telemetry and logs
+        div_metrics = step_divergence_metrics(everyone) | self.policies.step_metrics(len(everyone), dist.sum)
         t_telemetry = time.perf_counter()
-        rock_metrics = self.rock.observe(self.student, trajs if on_policy else []) if self.rock else {}
+        rock_metrics = self.rock.observe(self.student, everyone if on_policy else []) if self.rock else {}
         t_rock = time.perf_counter()
-        aux = self.producer.best_teacher_trajectories(step_seeds(cfg.seed, step, tc.tasks_per_step),
-                                                       self.teacher, self.student) \
+        aux = self.producer.best_teacher_trajectories(tasks, self.teacher, self.student) \
             if tc.teacher_rollouts_per_task > 1 else []
 
-        self.student.train()
+        self.trained.train()
         advantages = self._outcome_advantages(trajs)
-        n_tokens = max(sum(t.num_assistant_tokens for t in trajs), 1)
+        local_tokens = sum(t.num_assistant_tokens for t in trajs)
+        n_tokens = max(dist.sum([local_tokens])[0], 1)  # token-mean over the whole job's step
         agg: dict[str, float] = {}
         total_loss = 0.0
-        for start in range(0, len(trajs), tc.micro_batch_size):
+        starts = range(0, len(trajs), tc.micro_batch_size)
+        for start in starts:
             micro = trajs[start : start + tc.micro_batch_size]
-            if not any(t.num_assistant_tokens for t in micro):
+            micro_tokens = sum(t.num_assistant_tokens for t in micro)
+            if not micro_tokens and not dist.enabled:  # (every rank runs as many passes as the others)
                 continue
             adv = advantages[start : start + tc.micro_batch_size] if advantages is not None else None
-            out = self._micro_loss(micro, loss_spec, on_policy, adv, teacher)
-            share = sum(t.num_assistant_tokens for t in micro) / n_tokens  # token-mean over the whole step
-            (out.loss * share).backward()
+            with gradient_sync(self.trained, enabled=start == starts[-1]):
+                out = self._micro_loss(micro, loss_spec, on_policy, adv, teacher)
+                share = micro_tokens / n_tokens
+                # The wrapper averages gradients over the ranks: scaled back up, the job's gradient is
+                # the token-mean one, as one process with the whole batch would compute.
+                (out.loss * share * dist.world_size).backward()
             total_loss += out.loss.item() * share
             for k, v in out.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v * share
         self._token_factors = {}
-        mismatch = torch.cat(self._mismatch) if self._mismatch else torch.empty(0)
+        mismatch = torch.tensor(dist.gather(torch.cat(self._mismatch).tolist() if self._mismatch else []))
         self._mismatch = []
         mismatch_metrics = {"mismatch/mean_abs": float(mismatch.mean()), "mismatch/p99": float(mismatch.quantile(0.99)),
                             "mismatch/max": float(mismatch.max())} if mismatch.numel() else {}
         aux_loss = self._aux_loss(aux) if aux else 0.0
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), tc.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), tc.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.student.eval()
-        self.rollout.engine.load_weights(self.student)  # the next rollout samples with the new weights
-        for t in trajs:
-            writer.write(t)
-        roll = self.evaluator.summary(trajs)
+        self.trained.eval()
+        if self.sampler is not self.student:  # FSDP: the sampler takes the gathered new weights
+            self.sampler.load_state_dict({k.removeprefix("model."): v for k, v in full_state_dict(self.trained).items()})
+        self.rollout.engine.load_weights(self.sampler)  # the next rollout samples with the new weights
+        if writer is not None:
+            for t in everyone:
+                writer.write(t)
+        roll = self.evaluator.summary(everyone)
+        names = sorted(agg)
+        servers = list(self.teacher.stats().values()) if isinstance(self.teacher, ServerTeacher) else []
+        peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+        total_loss, teacher_tokens, online_tokens, requests, failures, job_rss_gb, *sums = dist.sum(
+            [total_loss, teacher.tokens_processed, online_tokens, sum(s["requests"] for s in servers),
+             sum(s["failures"] for s in servers), peak_rss_gb, *(agg[k] for k in names)])
+        server_metrics = {"teacher/requests": int(requests), "teacher/request_failures": int(failures),
+                          "teacher/servers_down": sum(not s["up"] for s in servers)} if servers else {}
         return {
             "step": step, "on_policy": on_policy, "loss": total_loss, "aux_loss": aux_loss,
-            "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-            **{f"loss/{k}": v for k, v in agg.items()}, **{f"rollout/{k}": v for k, v in roll.items()},
-            **div_metrics, **rock_metrics, **mismatch_metrics,
-            "teacher_tokens": teacher.tokens_processed, "teacher_tokens_rollout": online_tokens,
-            "trajectory_tokens": sum(t.num_tokens for t in trajs), "student_tokens": n_tokens,
+            "lr": self.scheduler.get_last_lr()[0], "grad_norm": as_float(grad_norm),
+            **{f"loss/{k}": v for k, v in zip(names, sums, strict=True)},
+            **{f"rollout/{k}": v for k, v in roll.items()},
+            **div_metrics, **rock_metrics, **mismatch_metrics, **server_metrics,
+            "teacher_tokens": int(teacher_tokens), "teacher_tokens_rollout": int(online_tokens),
+            "trajectory_tokens": sum(t.num_tokens for t in everyone), "student_tokens": int(n_tokens),
             "time/rollout_s": t_roll - t0, "time/teacher_s": t_div - t_roll, "time/telemetry_s": t_telemetry - t_div,
             "time/rock_s": t_rock - t_telemetry,
+            "memory/peak_rss_gb": peak_rss_gb, "memory/job_peak_rss_gb": job_rss_gb,  # rank 0's; all ranks'
             "time/step_s": time.perf_counter() - t0,
         }
 
@@ -324,7 +381,7 @@ class Trainer:
 
     def _micro_loss(self, micro: list[Trajectory], loss: LossSpec, on_policy: bool,
                     advantages: torch.Tensor | None, teacher: TeacherSignal) -> LossOutput:
-        batch = assistant_batch(self.student, [TrainingView.from_trajectory(t) for t in micro], self.pad_id)
+        batch = assistant_batch(self.trained, [TrainingView.from_trajectory(t) for t in micro], self.pad_id)
         factors = [self._token_factors.get(t.id) for t in micro]
         if any(f is not None for f in factors):  # token-level policies (iw_opd, topk_drift)
             rows = [torch.tensor(f if f is not None else [1.0] * t.num_assistant_tokens, dtype=torch.float32)

@@ -4,7 +4,7 @@ rollout-time policy says so (the first in list order names the reason)."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from opd_agents.training.policies.base import NEEDS_ORDER, DivergencePolicy, Needs, Signals, Weights
 from opd_agents.types import StopReason, Trajectory
@@ -90,16 +90,23 @@ class PolicySet:
         return None
 
     # ---- telemetry ---------------------------------------------------------------------------------
-    def step_metrics(self, n_trajs: int) -> dict[str, float]:
+    def step_metrics(self, n_trajs: int, reduce: Callable[[Sequence[float]], list[float]] = list,
+                     ) -> dict[str, float]:
         """``div/policy/{name}/mean_weight`` and ``/zero_share`` (over this step's assistant tokens, the
-        policy's own factor) for loss-time policies; ``/stop_share`` (episodes it ended) for rollout ones."""
+        policy's own factor) for loss-time policies; ``/stop_share`` (episodes it ended) for rollout ones.
+        ``reduce``: sums the counts over the ranks of a distributed job (``n_trajs``: the job's episodes)."""
+        loss, rollout = [p.name for p in self.loss], [p.name for p in self.rollout]
+        counts = reduce([self._tokens, *(self._weight_sum[n] for n in loss), *(self._zeros[n] for n in loss),
+                         *(self._stops[n] for n in rollout)])
+        tokens, weight_sums, zeros, stops = counts[0], counts[1:1 + len(loss)], counts[1 + len(loss):1 + 2 * len(loss)], \
+            counts[1 + 2 * len(loss):]
         out: dict[str, float] = {}
-        if self._tokens:
-            for p in self.loss:
-                out[f"div/policy/{p.name}/mean_weight"] = self._weight_sum[p.name] / self._tokens
-                out[f"div/policy/{p.name}/zero_share"] = self._zeros[p.name] / self._tokens
+        if tokens:
+            for name, w, z in zip(loss, weight_sums, zeros, strict=True):
+                out[f"div/policy/{name}/mean_weight"] = w / tokens
+                out[f"div/policy/{name}/zero_share"] = z / tokens
         if n_trajs:
-            out |= {f"div/policy/{p.name}/stop_share": self._stops[p.name] / n_trajs for p in self.rollout}
+            out |= {f"div/policy/{name}/stop_share": n / n_trajs for name, n in zip(rollout, stops, strict=True)}
         self._weight_sum, self._zeros, self._stops, self._tokens = Counter(), Counter(), Counter(), 0
         return out
 
