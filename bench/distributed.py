@@ -8,8 +8,8 @@ Each run is `opd-agents train -c CONFIG --set train.steps=S --set run_dir=OUT/â€
 --standalone --nproc_per_node N` with `--set train.parallel=P` for N > 1), repeated `--repeats` times with
 the process counts interleaved (1, N, 1, N, â€¦) so machine noise hits both alike. Reported per run, from the
 run's metrics.jsonl (rank 0 logs the whole job): student tokens/s over the steps after the first (model
-load, first-step warm-up and the final evaluation excluded), and the ratio to 1 process. Eval is set beyond
-the last step, so only training is timed. With N processes each plays 1/N of every step's tasks.
+load, first-step warm-up and the final evaluation excluded: only training steps are timed), the ratio to 1
+process, and the job's peak RSS (all ranks' peaks summed). With N processes each plays 1/N of every step's tasks.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(config: Path, ranks: int, parallel: str, steps: int, out: Path, threads: int) -> dict[str, float]:
-    sets = [f"train.steps={steps}", f"run_dir={out}", f"eval.every={steps + 1}", "eval.before=false",
+    sets = [f"train.steps={steps}", f"run_dir={out}", f"eval.every={steps + 1}", "eval.before=false", "eval.episodes=2",
             "teacher_strength.episodes=0", f"train.checkpoint_every={steps + 1}"]
     if ranks > 1:
         sets.append(f"train.parallel={parallel}")
