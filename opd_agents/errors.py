@@ -21,6 +21,10 @@ class ModelLoadError(OpdError, ValueError):
     """A model path does not exist or is not a causal LM."""
 
 
+class ModelNotCachedError(ModelLoadError):
+    """A hub id that is not in the Hugging Face cache, and downloading is off (or failed)."""
+
+
 class ToolDefinitionError(OpdError, TypeError):
     """A function cannot be turned into a tool (missing annotations, bad name...)."""
 
