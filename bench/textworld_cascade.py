@@ -70,7 +70,7 @@ def env_factory(q: int, max_turns: int | None = None) -> Callable[[], Any]:
 
 def play_noisy_expert(factory: Callable[[], Any], seeds: Sequence[int], renderer: Any, noise: float,
                       rng: random.Random) -> list[Any]:
-    """Like ``opd_agents.env.expert.play_expert``, but each turn is a random admissible command with
+    """Like ``opd_agents.rollout.expert.play_expert``, but each turn is a random admissible command with
     probability ``noise`` (turn weight 0) instead of the walkthrough's next command (weight 1)."""
     from opd_agents.rollout.runner import open_trajectory, record_step
     from opd_agents.types import Message, Turn

@@ -72,7 +72,7 @@ def rollout(
         "--env-arg", help="env constructor argument key=value (YAML value), e.g. --env-arg difficulty=1")] = None,
 ) -> None:
     """Play N episodes, write trajectories, print success rate and stop reasons."""
-    from opd_agents.env.expert import play_expert
+    from opd_agents.rollout.expert import play_expert
     from opd_agents.analysis.stats import summarize
     from opd_agents.store import TrajectoryWriter
 

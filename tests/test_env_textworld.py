@@ -14,7 +14,7 @@ from gymnasium.utils.env_checker import check_env
 
 from environments.textworld_quest import TextWorldEnv
 from opd_agents import heldout_seeds
-from opd_agents.env.expert import play_expert
+from opd_agents.rollout.expert import play_expert
 from opd_agents.env.parsers import ParsedTurn, ToolCallParser
 from opd_agents.env.registry import make_env
 from opd_agents.errors import ConfigError, EnvOrderError

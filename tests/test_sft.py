@@ -40,7 +40,7 @@ def test_micro_batches_accumulate_to_the_same_step(tiny_model_dir: Path) -> None
     """One episode per forward/backward gives the whole batch's loss and update (memory bound, same math)."""
     import torch
 
-    from opd_agents.env.expert import play_expert
+    from opd_agents.rollout.expert import play_expert
     from opd_agents.models import load_model
     from opd_agents.rollout.renderer import ChatMLRenderer
     from opd_agents.teacher.sft import sft_train

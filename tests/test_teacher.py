@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from opd_agents.env.core import Task, ToolEnv
 from opd_agents.errors import TeacherError, TeacherUnreachableError, TokenizerMismatchError
-from opd_agents.env.expert import play_expert
+from opd_agents.rollout.expert import play_expert
 from opd_agents.models import load_model
 from opd_agents.env.parsers import get_parser
 from opd_agents.rollout.renderer import ChatMLRenderer

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from opd_agents.config import parse_config
-from opd_agents.env.expert import play_expert
+from opd_agents.rollout.expert import play_expert
 from opd_agents.env.parsers import get_parser
 from opd_agents.errors import (
     ConfigError,

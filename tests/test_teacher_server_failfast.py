@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from opd_agents.config import parse_config
 from opd_agents.errors import TeacherModelNotServedError, TeacherUnreachableError, TokenizerMismatchError
-from opd_agents.env.expert import play_expert
+from opd_agents.rollout.expert import play_expert
 from opd_agents.env.parsers import get_parser
 from opd_agents.training.preflight import preflight
 from opd_agents.env.registry import make_env

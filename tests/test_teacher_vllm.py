@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from opd_agents.errors import TeacherModelNotServedError
-from opd_agents.env.expert import play_expert
+from opd_agents.rollout.expert import play_expert
 from opd_agents.models import build_tiny_model, load_model
 from opd_agents.env.parsers import get_parser
 from opd_agents.rollout.renderer import ChatMLRenderer

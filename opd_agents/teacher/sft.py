@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd_agents.env.core import ToolEnv
-from opd_agents.env.expert import play_expert
+from opd_agents.rollout.expert import play_expert
 from opd_agents.models import load_model
 from opd_agents.env.parsers import ToolCallParser
 from opd_agents.training.policy import adamw, assistant_batch, cross_entropy

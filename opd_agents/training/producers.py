@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from opd_agents.config import RunConfig
 from opd_agents.env.core import ToolEnv
-from opd_agents.env.expert import play_expert
+from opd_agents.rollout.expert import play_expert
 from opd_agents.errors import OpdError
 from opd_agents.rollout.hf_engine import HFEngine
 from opd_agents.rollout.renderer import ChatMLRenderer
