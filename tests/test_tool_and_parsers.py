@@ -9,7 +9,8 @@ from typing import Literal
 import pytest
 
 from opd_agents.errors import ToolDefinitionError
-from opd_agents.env.parsers import PARSERS, FencedJsonParser, HermesParser, ReActParser, ToolCallParser, get_parser
+from opd_agents.env.parsers import (PARSERS, FencedJsonParser, HermesParser, Llama3JsonParser, MistralParser,
+                                    ReActParser, ToolCallParser, get_parser)
 from opd_agents.env.tool import StopEpisode, Tool, ToolBox, tool
 from opd_agents.types import ErrorType, ToolCall, ToolResult
 
@@ -295,18 +296,20 @@ def test_acall_directly() -> None:
 
 
 # ---- parsers --------------------------------------------------------------------------------------
-ALL_PARSERS = [HermesParser(), FencedJsonParser(), ReActParser()]
+ALL_PARSERS = [HermesParser(), FencedJsonParser(), ReActParser(), Llama3JsonParser(), MistralParser()]
 
 
 def test_get_parser() -> None:
-    assert isinstance(get_parser("hermes"), HermesParser) and sorted(PARSERS) == ["fenced_json", "hermes", "react"]
-    with pytest.raises(ValueError, match=r"parser 'xml'; allowed: \['fenced_json', 'hermes', 'react'\]"):
+    names = ["fenced_json", "hermes", "llama3_json", "mistral", "react"]
+    assert isinstance(get_parser("hermes"), HermesParser) and sorted(PARSERS) == names
+    with pytest.raises(ValueError, match=r"parser 'xml'; allowed: \['fenced_json', 'hermes', 'llama3_json'"):
         get_parser("xml")
 
 
 @pytest.mark.parametrize("parser", ALL_PARSERS, ids=lambda p: p.name)
 def test_format_call_round_trips_single_and_multiple(parser: ToolCallParser) -> None:
-    one = parser.parse("I'll compute.\n" + parser.format_call("add", {"a": 1, "b": 2}))
+    lead = "" if parser.name == "llama3_json" else "I'll compute.\n"  # Llama-3: a call is the whole message
+    one = parser.parse(lead + parser.format_call("add", {"a": 1, "b": 2}))
     assert [(c.name, c.arguments) for c in one.calls] == [("add", {"a": 1, "b": 2})]
     assert one.errors == [] and not one.is_final
     nested = {"word": "x", "n": [1, {"k": None}]}
@@ -331,7 +334,9 @@ def test_random_garbage_never_raises(parser: ToolCallParser) -> None:
         assert all(isinstance(e, str) and e for e in res.errors)
     for hostile in ["<tool_call>" + "[" * 100_000 + "</tool_call>", "```tool_call\n" + "[" * 100_000 + "\n```",
                     "Action: a\nAction Input: " + "[" * 100_000, "<tool_call>{\"name\": \"a\", \"arguments\": {\"x\": "
-                    + "1" * 5000 + "}}</tool_call>", "Action: a\nAction Input: {\"x\": " + "1" * 5000 + "}"]:
+                    + "1" * 5000 + "}}</tool_call>", "Action: a\nAction Input: {\"x\": " + "1" * 5000 + "}",
+                    "{" + "[" * 100_000, "[TOOL_CALLS]" + "[" * 100_000,
+                    '{"name": "a", "parameters": {"x": ' + "1" * 5000 + "}}"]:
         res = parser.parse(hostile)  # deep nesting / 5000-digit ints: a parse error or a final answer, no crash
         assert res.calls == []
 
@@ -390,6 +395,27 @@ def test_react_errors_and_final_answer() -> None:
     assert [(c.name, c.arguments) for c in res.calls] == [("add", {"a": 1})]
 
 
+def test_llama3_json_calls_and_errors() -> None:
+    p = Llama3JsonParser()
+    res = p.parse('<|python_tag|>{"name": "add", "parameters": {"a": 1}}; {"name": "b", "arguments": {}}')
+    assert [(c.name, c.arguments) for c in res.calls] == [("add", {"a": 1}), ("b", {})] and res.errors == []
+    assert p.parse('The answer is {"x": 1}').is_final  # prose first: a final answer (as vLLM's llama3_json)
+    assert p.parse('{"name": "a", "parameters": {').errors[0].startswith("invalid JSON")
+    assert p.parse('{"name": "a"}').errors == ['tool call to \'a\' is missing "arguments"']
+    assert p.parse('{"name": "a", "parameters": {}} trailing').errors[0].startswith("invalid JSON")
+    assert p.stop_strings == ()
+
+
+def test_mistral_calls_and_errors() -> None:
+    p = MistralParser()
+    res = p.parse('Sure.[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}, {"name": "b", "arguments": {}}]')
+    assert [(c.name, c.arguments) for c in res.calls] == [("add", {"a": 1}), ("b", {})] and res.errors == []
+    assert p.parse("[TOOL_CALLS]").errors == ["[TOOL_CALLS] without a json list of calls"]
+    assert p.parse("[TOOL_CALLS][{").errors[0].startswith("invalid JSON")
+    assert p.parse('[TOOL_CALLS][{"arguments": {}}]').errors == ['tool call is missing a string "name"']
+    assert p.parse("No tools needed: 4.").is_final and p.stop_strings == ()
+
+
 def test_react_multiline_input_stops_at_next_marker() -> None:
     text = 'Thought: t\nAction: add\nAction Input: {\n  "a": 1\n}\nObservation: 3\nAction: add\nAction Input: {"a": 2}'
     res = ReActParser().parse(text)
@@ -404,6 +430,9 @@ SCALING_INPUTS = {
                     lambda n: "x ```tool_call " * (n // 15)],
     "react": [lambda n: "Action: add\nAction Input: x" + "\n" * n, lambda n: "Action: add\n" + " \n" * (n // 2),
               lambda n: "Action: add\nAction Input: {" + " \t\n" * (n // 3)],
+    "llama3_json": [lambda n: "{" + " \n" * (n // 2), lambda n: '{"x"' + " ; " * (n // 3),
+                    lambda n: "<|python_tag|>" + " \n" * (n // 2) + "{"],
+    "mistral": [lambda n: "[TOOL_CALLS]" * (n // 12), lambda n: "[TOOL_CALLS][" + " \n" * (n // 2)],
 }
 
 

@@ -1,7 +1,7 @@
 """Tool-call parsers: assistant text -> tool calls, parse errors, or a final answer.
 
 Each parser also knows the stop string that closes a call, so the sampler can stop right after it.
-All three run in time linear in the message length: no pattern may rescan the text from every start
+All of them run in time linear in the message length: no pattern may rescan the text from every start
 position (a lazy ``.*?``, or a whitespace run spanning lines retried at each line, made ReAct cubic on blank
 lines). The env caps the message length as well (``EnvLimits.max_message_chars``).
 """
@@ -35,14 +35,18 @@ def _call_from_json(raw: str) -> tuple[ToolCall | None, str | None]:
         return None, f"invalid JSON in tool call ({e.msg} at char {e.pos}): {shorten(raw.strip(), 80)}"
     except (ValueError, RecursionError) as e:  # >4300-digit ints, nesting deeper than the recursion limit
         return None, f"invalid JSON in tool call ({shorten(str(e), 80)})"
+    return _call_from_obj(obj)
+
+
+def _call_from_obj(obj: Any) -> tuple[ToolCall | None, str | None]:
     if not isinstance(obj, dict):
         return None, f"tool call must be a JSON object, got {type(obj).__name__}"
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         return None, 'tool call is missing a string "name"'
-    if "arguments" not in obj:
+    if "arguments" not in obj and "parameters" not in obj:  # Llama-3 writes "parameters"
         return None, f'tool call to {name!r} is missing "arguments"'
-    args = obj["arguments"]
+    args = obj["arguments"] if "arguments" in obj else obj["parameters"]
     if isinstance(args, str):  # some models emit arguments as a JSON string (OpenAI wire format)
         try:
             args = json.loads(args)
@@ -169,6 +173,88 @@ class ReActParser(ToolCallParser):
         return f"Action: {name}\nAction Input: {json.dumps(arguments)}\n"
 
 
+def _json_values(text: str, pos: int) -> tuple[list[Any], str | None]:
+    """Consecutive JSON values from ``pos`` (separated by whitespace or ``;``); raw_decode is linear."""
+    values: list[Any] = []
+    decoder = json.JSONDecoder()
+    while True:
+        while pos < len(text) and (text[pos].isspace() or text[pos] == ";"):
+            pos += 1
+        if pos == len(text):
+            return values, None
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            return values, f"invalid JSON in tool call ({e.msg} at char {e.pos}): {shorten(text[pos:].strip(), 80)}"
+        except (ValueError, RecursionError) as e:
+            return values, f"invalid JSON in tool call ({shorten(str(e), 80)})"
+        values.append(value)
+
+
+class Llama3JsonParser(ToolCallParser):
+    """Llama 3.1+ JSON calls: the whole message is ``{"name": ..., "parameters": {...}}`` (several may
+    follow each other, separated by ``;``; an optional ``<|python_tag|>`` first). A message that does not
+    start with ``{`` is the final answer. The turn ends with the end-of-turn token, so no stop string."""
+
+    name = "llama3_json"
+    stop_strings = ()
+    format_instructions = (
+        "To call a function, respond with only a json object of the form "
+        '{"name": <function-name>, "parameters": <args-json-object>} and nothing else.'
+    )
+    _tag = "<|python_tag|>"
+
+    def parse(self, text: str) -> ParsedTurn:
+        out = ParsedTurn()
+        body = text.strip()
+        body = body[len(self._tag) :].lstrip() if body.startswith(self._tag) else body
+        if not body.startswith("{"):
+            return out
+        values, err = _json_values(body, 0)
+        for v in values:
+            call, call_err = _call_from_obj(v)
+            out.calls.append(call) if call else out.errors.append(call_err or "invalid tool call")
+        if err:
+            out.errors.append(err)
+        return out
+
+    def format_call(self, name: str, arguments: dict[str, Any]) -> str:
+        return json.dumps({"name": name, "parameters": arguments})
+
+
+class MistralParser(ToolCallParser):
+    """Mistral: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`` after optional text; the turn
+    ends with the end-of-turn token (``</s>``), so no stop string."""
+
+    name = "mistral"
+    stop_strings = ()
+    format_instructions = (
+        "To call functions, write [TOOL_CALLS] followed by a json list of calls: "
+        '[TOOL_CALLS][{"name": <function-name>, "arguments": <args-json-object>}]'
+    )
+    _tag = "[TOOL_CALLS]"
+
+    def parse(self, text: str) -> ParsedTurn:
+        out = ParsedTurn()
+        start = text.find(self._tag)
+        while start != -1:  # each [TOOL_CALLS] opens a list that runs to the next one (or the end)
+            nxt = text.find(self._tag, start + len(self._tag))
+            values, err = _json_values(text[start + len(self._tag) : len(text) if nxt == -1 else nxt], 0)
+            if not values and not err:
+                out.errors.append("[TOOL_CALLS] without a json list of calls")
+            for v in values:
+                for item in v if isinstance(v, list) else [v]:
+                    call, call_err = _call_from_obj(item)
+                    out.calls.append(call) if call else out.errors.append(call_err or "invalid tool call")
+            if err:
+                out.errors.append(err)
+            start = nxt
+        return out
+
+    def format_call(self, name: str, arguments: dict[str, Any]) -> str:
+        return f"{self._tag}{json.dumps([{'name': name, 'arguments': arguments}])}"
+
+
 def _loads_or_raw(raw: str) -> Any:
     try:
         return json.loads(raw.strip())
@@ -176,7 +262,8 @@ def _loads_or_raw(raw: str) -> Any:
         return raw.strip()  # reported as "arguments must be a JSON object" by _call_from_json
 
 
-PARSERS: dict[str, type[ToolCallParser]] = {p.name: p for p in (HermesParser, FencedJsonParser, ReActParser)}
+PARSERS: dict[str, type[ToolCallParser]] = {
+    p.name: p for p in (HermesParser, FencedJsonParser, ReActParser, Llama3JsonParser, MistralParser)}
 
 
 def get_parser(name: str) -> ToolCallParser:
