@@ -13,6 +13,7 @@ from opd_agents.env.core import EnvLimits
 from opd_agents.errors import ConfigError
 from opd_agents.teacher.base import TeacherConfig
 from opd_agents.training.losses import loss_kinds
+from opd_agents.training.tracking import tracker_names
 
 
 class _Strict(BaseModel):
@@ -148,6 +149,14 @@ class RunConfig(_Strict):
     divergence: DivergencePolicyConfig = Field(default_factory=DivergencePolicyConfig)
     sampling_temperature: float = Field(1.0, gt=0.0)
     max_tokens_per_turn: int = Field(128, gt=0)
+    report_to: list[str] = Field(default_factory=list, description=(
+        "experiment trackers beside metrics.jsonl (always written): tensorboard, wandb, trackio; a name or a "
+        "list, none = metrics.jsonl only (as transformers' TrainingArguments.report_to)"))
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> list[str]:
+        return tracker_names(value)
 
     @model_validator(mode="after")
     def _tis_needs_untempered_sampling(self) -> RunConfig:

@@ -1,11 +1,9 @@
-"""Held-out evaluation and the metrics stream."""
+"""Held-out evaluation (the metrics stream is training/tracking.py)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from transformers import PreTrainedModel
 
@@ -20,32 +18,6 @@ from opd_agents.training.producers import play
 from opd_agents.types import Trajectory
 
 EVAL_KEYS = ("success_rate", "mean_reward", "tool_error_rate", "mean_turns")
-
-
-class MetricsLog:
-    """metrics.jsonl in the run dir (and TensorBoard when it is installed)."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.tb_dir = run_dir / "tensorboard"
-        # Set on resume: TensorBoard then drops the earlier event files' steps >= it (they are redone).
-        self.purge_step: int | None = None
-        self.tb: Any = None
-
-    def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.tb_dir), purge_step=self.purge_step)
-            except ImportError:
-                self.tb = False
-        if self.tb:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, row.get("step", 0))
 
 
 class Evaluator:

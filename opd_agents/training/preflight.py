@@ -20,12 +20,14 @@ from opd_agents.rollout.engine import check_engine
 from opd_agents.training.distributed import check_launch
 from opd_agents.teacher import ServerTeacher, make_teacher
 from opd_agents.training.losses import LOSSES
+from opd_agents.training.tracking import check_report_to
 
 
 def preflight(cfg: RunConfig) -> None:
     """Raise an OpdError naming the first problem of ``cfg`` that shows before any work."""
     check_env(cfg.env)
     check_engine(cfg.rollout.engine)
+    check_report_to(cfg.report_to)
     check_launch(cfg.train.parallel, fsdp_refused=fsdp_refused(cfg), counts={
         "train.tasks_per_step": cfg.train.tasks_per_step, "eval.episodes": cfg.eval.episodes,
         "teacher_strength.episodes": cfg.teacher_strength.episodes})

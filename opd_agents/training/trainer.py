@@ -33,7 +33,8 @@ from opd_agents.training.distributed import as_float, full_state_dict, gradient_
 from opd_agents.config import RunConfig
 from opd_agents.errors import OpdError
 from opd_agents.training.divergence import annotate_turns, step_divergence_metrics
-from opd_agents.training.evaluation import Evaluator, MetricsLog
+from opd_agents.training.evaluation import Evaluator
+from opd_agents.training.tracking import MetricsLog
 from opd_agents.training.losses import LossOutput, LossSpec, grpo_advantages, select_loss
 from opd_agents.training.policies.base import Needs
 from opd_agents.training.policies.signals import topk_signals
@@ -114,7 +115,7 @@ class Trainer:
         params = [p for p in self.trained.parameters() if p.requires_grad]
         self.optimizer = adamw(params, cfg.train.lr)
         self.scheduler = get_scheduler(cfg.train.lr_schedule, self.optimizer, cfg.train.warmup_steps, cfg.train.steps)
-        self.metrics = MetricsLog(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir, cfg.report_to, cfg.model_dump(mode="json"))
         self.start_step = 0
         self.summary: dict[str, Any] = {}
         self._token_factors: dict[str, list[float]] = {}  # this step's per-token policy factors per trajectory
@@ -189,6 +190,7 @@ class Trainer:
             if writer is not None:
                 writer.close()
             self.rollout.close()
+            self.metrics.close()
         self.summary["wall_s"] = self.summary.get("wall_s", 0.0) + time.perf_counter() - t_start
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=1))
