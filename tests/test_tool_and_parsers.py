@@ -308,8 +308,7 @@ def test_get_parser() -> None:
 
 @pytest.mark.parametrize("parser", ALL_PARSERS, ids=lambda p: p.name)
 def test_format_call_round_trips_single_and_multiple(parser: ToolCallParser) -> None:
-    lead = "" if parser.name == "llama3_json" else "I'll compute.\n"  # Llama-3: a call is the whole message
-    one = parser.parse(lead + parser.format_call("add", {"a": 1, "b": 2}))
+    one = parser.parse("I'll compute.\n" + parser.format_call("add", {"a": 1, "b": 2}))
     assert [(c.name, c.arguments) for c in one.calls] == [("add", {"a": 1, "b": 2})]
     assert one.errors == [] and not one.is_final
     nested = {"word": "x", "n": [1, {"k": None}]}
@@ -399,7 +398,9 @@ def test_llama3_json_calls_and_errors() -> None:
     p = Llama3JsonParser()
     res = p.parse('<|python_tag|>{"name": "add", "parameters": {"a": 1}}; {"name": "b", "arguments": {}}')
     assert [(c.name, c.arguments) for c in res.calls] == [("add", {"a": 1}), ("b", {})] and res.errors == []
-    assert p.parse('The answer is {"x": 1}').is_final  # prose first: a final answer (as vLLM's llama3_json)
+    assert p.parse('The answer is {"x": 1}').is_final  # JSON inside a line is not a call
+    res = p.parse('Step 1.\n  {"name": "add", "parameters": {"a": 1}}')  # a reasoning line may come first
+    assert [c.name for c in res.calls] == ["add"] and res.errors == []
     assert p.parse('{"name": "a", "parameters": {').errors[0].startswith("invalid JSON")
     assert p.parse('{"name": "a"}').errors == ['tool call to \'a\' is missing "arguments"']
     assert p.parse('{"name": "a", "parameters": {}} trailing').errors[0].startswith("invalid JSON")

@@ -192,25 +192,26 @@ def _json_values(text: str, pos: int) -> tuple[list[Any], str | None]:
 
 
 class Llama3JsonParser(ToolCallParser):
-    """Llama 3.1+ JSON calls: the whole message is ``{"name": ..., "parameters": {...}}`` (several may
-    follow each other, separated by ``;``; an optional ``<|python_tag|>`` first). A message that does not
-    start with ``{`` is the final answer. The turn ends with the end-of-turn token, so no stop string."""
+    """Llama 3.1+ JSON calls: ``{"name": ..., "parameters": {...}}`` (several may follow each other,
+    separated by ``;``; an optional ``<|python_tag|>`` first), from the first line that opens one to the
+    end of the message, so a reasoning line may come first. With no such line the message is the final
+    answer. The turn ends with the end-of-turn token, so no stop string."""
 
     name = "llama3_json"
     stop_strings = ()
     format_instructions = (
-        "To call a function, respond with only a json object of the form "
-        '{"name": <function-name>, "parameters": <args-json-object>} and nothing else.'
+        "To call a function, end your message with a json object of the form "
+        '{"name": <function-name>, "parameters": <args-json-object>} on its own line.'
     )
     _tag = "<|python_tag|>"
+    _start = re.compile(r"(?:^|\n)[ \t]*(?:<\|python_tag\|>[ \t]*)?(?=\{)")  # only a line start may open a call
 
     def parse(self, text: str) -> ParsedTurn:
         out = ParsedTurn()
-        body = text.strip()
-        body = body[len(self._tag) :].lstrip() if body.startswith(self._tag) else body
-        if not body.startswith("{"):
+        start = self._start.search(text)
+        if start is None:
             return out
-        values, err = _json_values(body, 0)
+        values, err = _json_values(text, start.end())
         for v in values:
             call, call_err = _call_from_obj(v)
             out.calls.append(call) if call else out.errors.append(call_err or "invalid tool call")
