@@ -35,8 +35,13 @@ class LoraConfig(_Strict):
 
 
 class StudentConfig(_Strict):
-    model: str = "smollm2-135m-instruct"
+    model: str = Field("smollm2-135m-instruct", description=(
+        "a local model directory, a hub id in the Hugging Face cache (org/name[@revision]) or a built-in"))
     lora: LoraConfig | None = None
+    chat_template: Literal["chatml", "model", "auto"] = Field("chatml", description=(
+        "chatml: the project's ChatML renderer; model: the model's own tool-aware chat template where it "
+        "passes the prefix check (else a warning and ChatML), its tool-call format picked from the template "
+        "unless env.kwargs.parser is set; auto: model when the template renders tools, else chatml"))
 
 
 class SFTTeacherConfig(_Strict):
