@@ -14,7 +14,7 @@ from opd_agents.env.core import ToolEnv
 from opd_agents.rollout.expert import play_expert
 from opd_agents.errors import OpdError
 from opd_agents.rollout.hf_engine import HFEngine
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import Renderer
 from opd_agents.rollout.runner import Rollout
 from opd_agents.teacher import PrivilegedFn, Teacher, TeacherView
 from opd_agents.training.policy import assistant_batch
@@ -24,7 +24,7 @@ from opd_agents.types import SamplingParams, Trajectory
 REACHABLE_TOP_K = 16  # BRTS: a teacher token is student-reachable if it is in the student's top-16
 
 
-def play(cfg: RunConfig, env_factory: Callable[[], ToolEnv], renderer: ChatMLRenderer, model: PreTrainedModel,
+def play(cfg: RunConfig, env_factory: Callable[[], ToolEnv], renderer: Renderer, model: PreTrainedModel,
          seeds: Sequence[int], temperature: float, seed: int,
          prompt_ids: Callable[[Trajectory], list[int]] | None = None, first_position: int = 0) -> list[Trajectory]:
     """``model`` plays the tasks of ``seeds`` on an HF engine; ``prompt_ids``: another prompt (privileged);
@@ -39,7 +39,7 @@ def play(cfg: RunConfig, env_factory: Callable[[], ToolEnv], renderer: ChatMLRen
 
 
 class OffPolicyProducer:
-    def __init__(self, cfg: RunConfig, env_factory: Callable[[], ToolEnv], renderer: ChatMLRenderer,
+    def __init__(self, cfg: RunConfig, env_factory: Callable[[], ToolEnv], renderer: Renderer,
                  privileged: PrivilegedFn | None) -> None:
         self.cfg = cfg
         self.env_factory = env_factory
@@ -83,7 +83,7 @@ class OffPolicyProducer:
         size = self.cfg.train.micro_batch_size  # batched like training: bounded [B, N, V] logits
         for start in range(0, len(scored), size):
             chunk = scored[start : start + size]
-            b = assistant_batch(student, [TrainingView.from_trajectory(t) for t in chunk], self.renderer.im_end_id)
+            b = assistant_batch(student, [TrainingView.from_trajectory(t) for t in chunk], self.renderer.eot_id)
             hit = (b.logits.topk(REACHABLE_TOP_K, dim=-1).indices == b.targets.unsqueeze(-1)).any(-1).float()
             share = ((hit * b.mask).sum(1) / b.mask.sum(1).clamp(min=1)).tolist()
             by_id.update({t.id: r for t, r in zip(chunk, share, strict=True)})

@@ -41,7 +41,8 @@ from opd_agents.training.policies.signals import topk_signals
 from opd_agents.training.policy import StudentLogits, adamw, assistant_batch, cross_entropy, pad_rows
 from opd_agents.training.preflight import preflight
 from opd_agents.env.registry import make_env
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.chat_template import template_parser
+from opd_agents.rollout.renderer import make_renderer
 from opd_agents.training.rock_tokens import RockTokenMonitor
 from opd_agents.rollout.runner import Rollout
 from opd_agents.rollout.engine import make_engine
@@ -85,18 +86,21 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
+        self.student, self.tokenizer = load_student(cfg, self.device, self.dtype)
         env_kwargs = dict(cfg.env.kwargs, limits=cfg.env.limits)
+        family = template_parser(self.tokenizer) if cfg.student.chat_template != "chatml" else None
+        if family and "parser" not in env_kwargs:  # the model's template teaches its own tool-call format
+            env_kwargs["parser"] = family
         self.env_factory = lambda: make_env(cfg.env.id, **env_kwargs).unwrapped
         self.parser = self.env_factory().parser  # the env's tool-call format decides the sampler's stops
-        self.student, self.tokenizer = load_student(cfg, self.device, self.dtype)
         # The module the optimizer steps (forward + head in one call, so a DDP / FSDP wrapper sees it all);
         # sampling and evaluation run a whole model: the student itself, or under FSDP a full copy that
         # takes the gathered weights after every step.
         self.sampler = copy.deepcopy(self.student) if cfg.train.parallel == "fsdp" and self.dist.enabled else self.student
         self.trained = wrap(StudentLogits(self.student), cfg.train.parallel, self.dist)
-        self.renderer = ChatMLRenderer(self.tokenizer, self.parser)
+        self.renderer = make_renderer(self.tokenizer, self.parser, cfg.student.chat_template)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                          else self.renderer.im_end_id)
+                          else self.renderer.eot_id)
         self.sampling = SamplingParams(temperature=cfg.sampling_temperature,
                                        max_tokens_per_turn=cfg.max_tokens_per_turn, seed=cfg.seed)
         server = {"api_base": cfg.rollout.api_base} if cfg.rollout.api_base else {}
