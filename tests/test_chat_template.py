@@ -240,3 +240,24 @@ def test_sampled_rollout_with_the_template_is_token_exact(qwen_style_dir: Path) 
         pos = [i for i, m in enumerate(view.loss_mask) if m]
         fresh = np.array([logp[p - 1, view.input_ids[p]].item() for p in pos])
         np.testing.assert_allclose(fresh, [view.sampling_logprobs[p] for p in pos], atol=2e-4)
+
+
+def test_training_with_the_models_template(tmp_path: Path, llama3_style_dir: Path) -> None:
+    """student.chat_template=model: the trainer renders with the template and the env reads Llama-3 JSON."""
+    from opd_agents.config import parse_config
+    from opd_agents.training.trainer import Trainer
+
+    cfg = parse_config({
+        "run_dir": str(tmp_path / "run"), "max_tokens_per_turn": 8,
+        "env": {"id": "opd_agents/Arithmetic-v0", "kwargs": {"difficulty": 1}, "limits": {"max_turns": 2}},
+        "student": {"model": str(llama3_style_dir), "chat_template": "model"},
+        "teacher": {"model": str(llama3_style_dir)},
+        "train": {"steps": 1, "tasks_per_step": 2, "micro_batch_size": 2, "checkpoint_every": 1},
+        "eval": {"every": 100, "episodes": 2, "before": False}, "teacher_strength": {"episodes": 0}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ChatTemplateWarning)  # the trim note
+        trainer = Trainer(cfg)
+    assert isinstance(trainer.renderer, ChatTemplateRenderer) and trainer.parser.name == "llama3_json"
+    trainer.train()
+    traj = next(iter((tmp_path / "run").glob("**/*.jsonl")))
+    assert traj.stat().st_size > 0
