@@ -261,3 +261,20 @@ def test_training_with_the_models_template(tmp_path: Path, llama3_style_dir: Pat
     trainer.train()
     traj = next(iter((tmp_path / "run").glob("**/*.jsonl")))
     assert traj.stat().st_size > 0
+
+
+def test_cli_rollout_with_the_models_template(tmp_path: Path, llama3_style_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from opd_agents.cli import app
+    from opd_agents.store import read_trajectories
+
+    out = tmp_path / "t.jsonl"
+    res = CliRunner().invoke(app, ["rollout", "--env", "opd_agents/Arithmetic-v0", "--out", str(out), "-n", "2",
+                                   "--model", str(llama3_style_dir), "--chat-template", "model",
+                                   "--max-tokens-per-turn", "8"])
+    assert res.exit_code == 0, res.output
+    trajs = list(read_trajectories(out))
+    tok = tok_of(llama3_style_dir)
+    bos = tok.convert_tokens_to_ids("<|begin_of_text|>")  # the Llama-style template's prompt, not ChatML's
+    assert len(trajs) == 2 and all(t.prompt_ids[0] == bos for t in trajs)
