@@ -305,21 +305,35 @@ def score(
 @app.command()
 def export(
     file: Annotated[Path, typer.Argument(help="trajectory JSONL")],
-    out: Annotated[Path, typer.Option("--out", help="parquet: a .parquet file; hf: a directory")],
-    format_: Annotated[str, typer.Option("--format", help="parquet | hf")] = "parquet",
+    out: Annotated[Path, typer.Option("--out", help="parquet: a .parquet file; hf, trl: a directory")],
+    format_: Annotated[str, typer.Option("--format", help=(
+        "parquet | hf (every field) | trl (TRL's conversational format with tools: messages + tools, or "
+        "prompt + completion + tools with --level turn)"))] = "parquet",
     level: Annotated[str, typer.Option(help="trajectory (row per episode) | turn (row per turn)")] = "trajectory",
+    env: Annotated[Optional[str], typer.Option(help="only this environment id")] = None,
+    min_reward: Annotated[Optional[float], typer.Option()] = None,
+    success: Annotated[Optional[bool], typer.Option("--success/--failed",
+                                                    help="only successful / failed episodes")] = None,
+    parser: Annotated[str, typer.Option(help="trl: the tool-call format the episodes were played in")] = "hermes",
 ) -> None:
-    """Export trajectories (streamed) to Parquet or a Hugging Face dataset (save_to_disk)."""
-    from opd_agents.analysis.export import export_hf, export_parquet
+    """Export trajectories (streamed) to Parquet or a Hugging Face dataset (save_to_disk), e.g. successful
+    episodes for TRL's SFTTrainer: --format trl --success."""
+    from opd_agents.analysis.export import export_hf, export_parquet, export_trl
+    from opd_agents.analysis.trajectories import TrajectoryFilter
 
-    if format_ not in ("parquet", "hf"):
-        fail(ValueError(f"--format must be 'parquet' or 'hf', got {format_!r}"))
+    if format_ not in ("parquet", "hf", "trl"):
+        fail(ValueError(f"--format must be 'parquet', 'hf' or 'trl', got {format_!r}"))
     if level not in ("trajectory", "turn"):
         fail(ValueError(f"--level must be 'trajectory' or 'turn', got {level!r}"))
+    flt = TrajectoryFilter(env=env, min_reward=min_reward, success=success)
     t0 = time.perf_counter()
     try:
-        fn = export_parquet if format_ == "parquet" else export_hf
-        n = fn(file, out, level=level, on_error=_report_issue)  # type: ignore[arg-type]
+        if format_ == "trl":
+            n = export_trl(file, out, level=level, flt=flt, parser=parser,  # type: ignore[arg-type]
+                           on_error=_report_issue)
+        else:
+            fn = export_parquet if format_ == "parquet" else export_hf
+            n = fn(file, out, level=level, flt=flt, on_error=_report_issue)  # type: ignore[arg-type]
     except (OpdError, OSError, ValueError) as e:
         fail(e)
     console.print(f"exported {n} {level} rows to {out} ({format_}, {time.perf_counter() - t0:.1f} s)")

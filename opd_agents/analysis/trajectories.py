@@ -59,6 +59,7 @@ class TrajectoryFilter:
     first_error_turn: int | None = None
     min_divergence: float | None = None  # keep if some turn's d_k >= this
     ids: frozenset[str] | None = None
+    success: bool | None = None
 
     def __post_init__(self) -> None:
         # Accept any iterable (or a single string) from callers; matching wants sets of plain strings.
@@ -75,6 +76,8 @@ class TrajectoryFilter:
         if self.ids is not None and traj.id not in self.ids:
             return False
         if self.env is not None and traj.env_id != self.env:
+            return False
+        if self.success is not None and traj.success != self.success:
             return False
         if self.min_reward is not None and traj.reward < self.min_reward:
             return False
