@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from opd_agents.errors import ConfigError
 
 if TYPE_CHECKING:
-    from opd_agents.rollout.renderer import ChatMLRenderer
+    from opd_agents.rollout.renderer import Renderer
 
 Finish = Literal["stop", "tool_call", "length"]
 
@@ -43,7 +43,7 @@ class SamplingEngine(Protocol):
     """Samples one assistant turn per request. Stops at the renderer's end-of-turn ids, after a closed
     tool call (its stop strings) or at ``max_tokens``; ``renderer`` says which ids and strings those are."""
 
-    renderer: ChatMLRenderer
+    renderer: Renderer
 
     async def complete(self, request: CompletionRequest) -> Completion: ...
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from opd_agents.env.core import ToolEnv
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import Renderer
 from opd_agents.rollout.runner import open_trajectory, record_step
 from opd_agents.types import Message, Trajectory, Turn
 
 
 def play_expert(env_factory: Callable[[], ToolEnv], seeds: Sequence[int], env_id: str = "custom",
-                renderer: ChatMLRenderer | None = None) -> list[Trajectory]:
+                renderer: Renderer | None = None) -> list[Trajectory]:
     out = []
     for seed in seeds:
         env = env_factory()

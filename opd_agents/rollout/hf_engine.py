@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from opd_agents.rollout.engine import Completion, CompletionRequest, Finish, register_engine
 from opd_agents.rollout.kv import MIN_SHARED_PREFIX, KVBatch, KVSession, common_prefix_len
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import Renderer
 
 _STOP_TAIL_TOKENS = 8  # how many trailing tokens are decoded to look for a stop string
 
@@ -68,11 +68,11 @@ def _ids_and_need(req: CompletionRequest | ScoreRequest) -> tuple[list[int], int
 class HFEngine:
     """A transformers causal LM behind the engine protocol (``SamplingEngine``) plus ``score``."""
 
-    def __init__(self, model: PreTrainedModel, renderer: ChatMLRenderer, max_rows: int = 64) -> None:
+    def __init__(self, model: PreTrainedModel, renderer: Renderer, max_rows: int = 64) -> None:
         self.model = model.eval()
         self.renderer = renderer
         tok = renderer.tokenizer
-        self.pad_token_id = int(tok.pad_token_id if tok.pad_token_id is not None else renderer.im_end_id)
+        self.pad_token_id = int(tok.pad_token_id if tok.pad_token_id is not None else renderer.eot_id)
         self.stop_ids = set(renderer.stop_token_ids)
         self.max_rows = max_rows
         self.tokens_fed = 0  # ids run through the model (prefill + decode): what the cache saved shows here
@@ -294,5 +294,5 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 @register_engine("hf")
-def _hf_engine(model: PreTrainedModel, renderer: ChatMLRenderer, max_rows: int = 64) -> HFEngine:
+def _hf_engine(model: PreTrainedModel, renderer: Renderer, max_rows: int = 64) -> HFEngine:
     return HFEngine(model, renderer, max_rows)

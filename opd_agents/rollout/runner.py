@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from opd_agents.env.core import ToolEnv
 from opd_agents.env.registry import make_env
 from opd_agents.rollout.engine import Completion, CompletionRequest, SamplingEngine
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import Renderer
 from opd_agents.types import Message, SamplingParams, StopReason, Trajectory, Turn
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def _token_budget(ep: _Episode, sampling: SamplingParams) -> tuple[int, StopReas
 
 
 def open_trajectory(env: ToolEnv, seed: int, env_id: str, model_id: str,
-                    renderer: ChatMLRenderer | None = None, **fields: Any) -> Trajectory:
+                    renderer: Renderer | None = None, **fields: Any) -> Trajectory:
     """Reset ``env`` on ``seed`` and start its trajectory record (prompt ids when a renderer is given)."""
     obs, info = env.reset(seed=seed)
     messages = [Message.model_validate(m) for m in obs]
@@ -126,7 +126,7 @@ class Rollout:
             raise ValueError(f"max_episodes must be >= 1, got {max_episodes}")
         self.online_teacher = online_teacher
         self.engine = engine
-        self.renderer: ChatMLRenderer = engine.renderer
+        self.renderer: Renderer = engine.renderer
         self.env_factory = env_factory
         self.sampling = sampling or SamplingParams()
         self.model_id = model_id

@@ -30,7 +30,7 @@ import torch
 
 from opd_agents.errors import ConfigError
 from opd_agents.rollout.engine import Completion, CompletionRequest, Finish, register_engine
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import Renderer
 
 T = TypeVar("T")
 
@@ -52,7 +52,7 @@ class VLLMEngine:
     """``model``: a local model dir (the student's start weights). ``engine_kwargs`` go to vLLM's
     ``AsyncEngineArgs`` (e.g. ``gpu_memory_utilization``, ``tensor_parallel_size``)."""
 
-    def __init__(self, model: str | os.PathLike[str], renderer: ChatMLRenderer, dtype: str = "float32",
+    def __init__(self, model: str | os.PathLike[str], renderer: Renderer, dtype: str = "float32",
                  max_model_len: int | None = None, seed: int = 0, **engine_kwargs: Any) -> None:
         try:
             from vllm import AsyncEngineArgs
@@ -128,7 +128,7 @@ class VLLMServerEngine:
     through a file in /dev/shm and ``POST /collective_rpc``, then ``POST /reset_prefix_cache``. A server on
     another node takes vLLM's NCCL weight-transfer endpoints instead (docs/scaling.md)."""
 
-    def __init__(self, api_base: str, renderer: ChatMLRenderer, model: str | None = None,
+    def __init__(self, api_base: str, renderer: Renderer, model: str | None = None,
                  timeout_s: float = 600.0) -> None:
         import httpx
 
@@ -178,7 +178,7 @@ class VLLMServerEngine:
         """The server is not ours: nothing to stop."""
 
 
-def sampling_params(request: CompletionRequest, renderer: ChatMLRenderer) -> dict[str, Any]:
+def sampling_params(request: CompletionRequest, renderer: Renderer) -> dict[str, Any]:
     """vLLM sampling parameters of a request: stop at the renderer's end-of-turn ids and stop strings
     (kept in the output: the ids are stored verbatim), the sampled token's logprob."""
     return {"max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
@@ -187,7 +187,7 @@ def sampling_params(request: CompletionRequest, renderer: ChatMLRenderer) -> dic
             "skip_special_tokens": False, "detokenize": bool(renderer.stop_strings)}
 
 
-def _finish(reason: str | None, ids: list[int], renderer: ChatMLRenderer) -> Finish:
+def _finish(reason: str | None, ids: list[int], renderer: Renderer) -> Finish:
     if reason == "stop":
         return "stop" if ids and ids[-1] in renderer.stop_token_ids else "tool_call"
     return "length"
@@ -220,7 +220,7 @@ def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @register_engine("vllm_server")
-def _vllm_server_engine(renderer: ChatMLRenderer, api_base: str | None = None, model: Any = None,
+def _vllm_server_engine(renderer: Renderer, api_base: str | None = None, model: Any = None,
                         **kwargs: Any) -> VLLMServerEngine:
     if not api_base:
         raise ConfigError("rollout.engine=vllm_server needs rollout.api_base (e.g. http://127.0.0.1:8000)")
@@ -228,7 +228,7 @@ def _vllm_server_engine(renderer: ChatMLRenderer, api_base: str | None = None, m
 
 
 @register_engine("vllm")
-def _vllm_engine(model: Any, renderer: ChatMLRenderer, **kwargs: Any) -> VLLMEngine:
+def _vllm_engine(model: Any, renderer: Renderer, **kwargs: Any) -> VLLMEngine:
     """``model``: a loaded student (its weights are synced in at once) or a model dir."""
     if hasattr(model, "peft_config"):
         raise ConfigError("rollout.engine=vllm cannot load a LoRA student's weights yet: use rollout.engine=hf "

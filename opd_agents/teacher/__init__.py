@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from opd_agents.models import resolve_model
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import Renderer
 from opd_agents.teacher.base import (
     PrivilegedFn,
     Teacher,
@@ -40,7 +40,7 @@ def make_teacher(
     spec: TeacherConfig | Mapping[str, Any],
     *,
     student_tokenizer: PreTrainedTokenizerBase | None = None,
-    renderer: ChatMLRenderer | None = None,
+    renderer: Renderer | None = None,
     privileged: PrivilegedFn | None = None,
 ) -> Teacher:
     """Build a teacher from a config (unknown keys are refused). ``student_tokenizer``: checked against

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PreTrainedTokenizerBase
 
 from opd_agents.errors import TokenizerMismatchError
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import Renderer
 from opd_agents.types import Message, Trajectory
 
 # Extra context only the teacher sees (e.g. the task's reference solution), appended to its system message.
@@ -80,7 +80,7 @@ class TeacherView:
     system message, and the positions shift by the change in prompt length.
     """
 
-    def __init__(self, renderer: ChatMLRenderer | None = None, privileged: PrivilegedFn | None = None) -> None:
+    def __init__(self, renderer: Renderer | None = None, privileged: PrivilegedFn | None = None) -> None:
         if privileged is not None and renderer is None:
             raise ValueError("a privileged-context teacher needs the renderer the student was rolled out with "
                              "(same template and tool-call parser), to re-render the prompt")
@@ -131,7 +131,7 @@ def _opening_messages(traj: Trajectory) -> list[Message]:
 class Teacher(ABC):
     """A frozen teacher. ``score`` returns, per trajectory, log pi_T of every student-sampled token."""
 
-    def __init__(self, teacher_id: str, renderer: ChatMLRenderer | None = None,
+    def __init__(self, teacher_id: str, renderer: Renderer | None = None,
                  privileged: PrivilegedFn | None = None) -> None:
         self.teacher_id = teacher_id
         self.view = TeacherView(renderer, privileged)

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd_agents.models import load_model
 from opd_agents.rollout.kv import MIN_SHARED_PREFIX, common_prefix_len, forward_shared_prefix
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import Renderer
 from opd_agents.teacher.base import PrivilegedFn, Teacher, TeacherScores, TeacherSequence
 from opd_agents.types import Trajectory
 
@@ -40,7 +40,7 @@ class HFTeacher(Teacher):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         batch_size: int = 8,
-        renderer: ChatMLRenderer | None = None,
+        renderer: Renderer | None = None,
         privileged: PrivilegedFn | None = None,
         teacher_id: str | None = None,
     ) -> None:

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from opd_agents.rollout.hf_engine import HFEngine, ScoreRequest
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import Renderer
 from opd_agents.types import Trajectory
 
 
@@ -27,7 +27,7 @@ class OnlineTeacher:
     teacher's top-k token ids at every scored token (what top-k divergence policies read); ``take_topk()``.
     """
 
-    def __init__(self, model: PreTrainedModel, renderer: ChatMLRenderer,
+    def __init__(self, model: PreTrainedModel, renderer: Renderer,
                  prompt_ids: Callable[[Trajectory], list[int]] | None = None, keep_logits: bool = False,
                  keep_topk: int = 0) -> None:
         self.engine = HFEngine(model, renderer)

@@ -39,7 +39,7 @@ from opd_agents.errors import (
     TeacherUnreachableError,
     TokenizerMismatchError,
 )
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import Renderer
 from opd_agents.teacher.base import (
     PROBE_TEXT,
     PrivilegedFn,
@@ -123,7 +123,7 @@ class ServerTeacher(Teacher):
         check_timeout_s: float = 10.0,
         cooldown_s: float = 10.0,
         privileged: PrivilegedFn | None = None,
-        renderer: ChatMLRenderer | None = None,
+        renderer: Renderer | None = None,
         teacher_id: str | None = None,
     ) -> None:
         if concurrency < 1 or max_retries < 0 or min(timeout_s, score_timeout_s, check_timeout_s) <= 0 or backoff_s < 0:

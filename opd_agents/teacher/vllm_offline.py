@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from opd_agents.errors import TeacherError
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import Renderer
 from opd_agents.teacher.base import PrivilegedFn, Teacher, TeacherScores, parse_prompt_logprobs
 from opd_agents.types import Trajectory
 
@@ -35,7 +35,7 @@ class VLLMTeacher(Teacher):
         model_path: str | os.PathLike[str],
         dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "float32",
         max_model_len: int = 2048,
-        renderer: ChatMLRenderer | None = None,
+        renderer: Renderer | None = None,
         privileged: PrivilegedFn | None = None,
         teacher_id: str | None = None,
         **engine_kwargs: Any,

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from opd_agents.config import RunConfig
 from opd_agents.env.core import ToolEnv
 from opd_agents.models import load_model
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import Renderer
 from opd_agents.teacher.sft import build_sft_teacher
 from opd_agents.training.distributed import Dist
 from opd_agents.teacher import PrivilegedFn, Teacher, make_teacher
@@ -78,7 +78,7 @@ def privileged_reference(env_factory: Callable[[], ToolEnv]) -> PrivilegedFn:
 
 
 def build_teacher(cfg: RunConfig, env_factory: Callable[[], ToolEnv], student_tok: PreTrainedTokenizerBase,
-                  renderer: ChatMLRenderer, privileged: PrivilegedFn | None, device: torch.device,
+                  renderer: Renderer, privileged: PrivilegedFn | None, device: torch.device,
                   console: Console, dist: Dist = Dist()) -> Teacher:
     tcfg = cfg.teacher.backend_config()
     if cfg.teacher.sft_from_expert is not None:
