@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 from opd_agents.analysis.stats import summarize
 from opd_agents.config import RunConfig
 from opd_agents.env.core import ToolEnv, heldout_seeds
+from opd_agents.rollout.engine import SamplingEngine
 from opd_agents.rollout.renderer import ChatMLRenderer
 from opd_agents.store import TrajectoryWriter
 from opd_agents.teacher import PrivilegedFn, TeacherView
@@ -36,14 +37,16 @@ class Evaluator:
         return {k: float(s[k]) for k in EVAL_KEYS}  # type: ignore[arg-type]
 
     def evaluate(self, model: PreTrainedModel, who: str, episodes: int | None = None,
-                 privileged: bool = False) -> dict[str, float]:
-        """Success, reward, tool-error rate and turns on the held-out seeds (the same seeds every time). In a
+                 privileged: bool = False, engine: SamplingEngine | None = None) -> dict[str, float]:
+        """Success, reward, tool-error rate and turns on the held-out seeds (the same seeds every time), played
+        on ``engine`` when given (the run's rollout engine, for the student), else on an HF engine. In a
         distributed job each rank plays its slice; every rank gets the whole job's result, rank 0 logs it."""
         seeds = heldout_seeds(episodes or self.cfg.eval.episodes)
         mine = self.dist.shard(len(seeds))
         prompt = self.teacher_view.prompt_ids if (privileged and self.teacher_view) else None
         trajs = self.dist.gather(play(self.cfg, self.env_factory, self.renderer, model, seeds[mine.start:mine.stop],
-                                      self.cfg.eval.temperature, self.cfg.seed, prompt, first_position=mine.start))
+                                      self.cfg.eval.temperature, self.cfg.seed, prompt, first_position=mine.start,
+                                      engine=engine))
         if self.dist.is_main:
             with TrajectoryWriter(self.eval_path) as w:
                 for t in trajs:

@@ -13,6 +13,7 @@ from opd_agents.config import RunConfig
 from opd_agents.env.core import ToolEnv
 from opd_agents.rollout.expert import play_expert
 from opd_agents.errors import OpdError
+from opd_agents.rollout.engine import SamplingEngine
 from opd_agents.rollout.hf_engine import HFEngine
 from opd_agents.rollout.renderer import Renderer
 from opd_agents.rollout.runner import Rollout
@@ -26,16 +27,20 @@ REACHABLE_TOP_K = 16  # BRTS: a teacher token is student-reachable if it is in t
 
 def play(cfg: RunConfig, env_factory: Callable[[], ToolEnv], renderer: Renderer, model: PreTrainedModel,
          seeds: Sequence[int], temperature: float, seed: int,
-         prompt_ids: Callable[[Trajectory], list[int]] | None = None, first_position: int = 0) -> list[Trajectory]:
-    """``model`` plays the tasks of ``seeds`` on an HF engine; ``prompt_ids``: another prompt (privileged);
-    ``first_position``: where ``seeds`` start in the whole list (a rank's slice; see ``Rollout.arun``)."""
+         prompt_ids: Callable[[Trajectory], list[int]] | None = None, first_position: int = 0,
+         engine: SamplingEngine | None = None) -> list[Trajectory]:
+    """``model`` plays the tasks of ``seeds``, on ``engine`` (e.g. the run's vLLM engine, which samples with
+    the model's current weights; left running) or else on an HF engine of its own; ``prompt_ids``: another
+    prompt (privileged); ``first_position``: where ``seeds`` start in the whole list (a rank's slice; see
+    ``Rollout.arun``)."""
     sampling = SamplingParams(temperature=temperature, max_tokens_per_turn=cfg.max_tokens_per_turn, seed=seed)
-    rollout = Rollout(HFEngine(model, renderer), env_factory, sampling, model_id=str(model.name_or_path),
+    rollout = Rollout(engine or HFEngine(model, renderer), env_factory, sampling, model_id=str(model.name_or_path),
                       env_id=cfg.env.id, max_episodes=32, sampling_prompt=prompt_ids)
     try:
         return rollout.run(seeds, first_position=first_position)
     finally:
-        rollout.close()
+        if engine is None:
+            rollout.close()
 
 
 class OffPolicyProducer:
