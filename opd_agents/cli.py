@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -22,6 +23,14 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm must no
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="On-policy distillation of small tool-using agent models.")
 console = Console()
+
+
+@app.callback()
+def _from_working_dir() -> None:
+    # `--env my_envs:CapitalsEnv` names the user's own module: import it from the working directory, as
+    # `python -m` does (a console script's sys.path starts at its bin dir).
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def fail(err: Exception) -> None:

@@ -93,7 +93,7 @@ class LossConfig(_Strict):
 
 class EvalConfig(_Strict):
     every: int = Field(10, gt=0)
-    episodes: int = Field(32, gt=0)
+    episodes: int = Field(32, ge=0, description="held-out episodes per evaluation; 0: no evaluation")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy-like (sampled at a tiny temperature)")
     before: bool = Field(True, description="evaluate the student at step 0 (the teacher-strength check does anyway)")
 
@@ -162,6 +162,13 @@ class RunConfig(_Strict):
     @classmethod
     def _trackers(cls, value: Any) -> list[str]:
         return tracker_names(value)
+
+    @model_validator(mode="after")
+    def _strength_check_needs_eval(self) -> RunConfig:
+        if self.teacher_strength.episodes and not self.eval.episodes:
+            raise ValueError("teacher_strength compares the teacher with the student's held-out success: it needs "
+                             "eval.episodes > 0 (or set teacher_strength.episodes: 0)")
+        return self
 
     @model_validator(mode="after")
     def _tis_needs_untempered_sampling(self) -> RunConfig:

@@ -182,7 +182,7 @@ class Trainer:
             if self.dist.is_main:
                 self._clear_previous_run()
             self.dist.barrier()
-            if cfg.eval.before or cfg.teacher_strength.episodes:
+            if cfg.eval.episodes and (cfg.eval.before or cfg.teacher_strength.episodes):
                 before = self.evaluator.evaluate(self.sampler, "student", engine=self.rollout.engine)
                 self.summary["student_before"] = before["success_rate"]
                 self._log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
@@ -211,7 +211,7 @@ class Trainer:
             task = bar.add_task("steps", total=cfg.train.steps, completed=self.start_step, live="")
             for step in range(self.start_step + 1, last + 1):
                 row = self.train_step(step, writer)
-                if step % cfg.eval.every == 0 or step == cfg.train.steps:
+                if cfg.eval.episodes and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                     ev = self.evaluator.evaluate(self.sampler, "student", engine=self.rollout.engine)
                     row.update({f"eval/{k}": v for k, v in ev.items()})
                     self.summary["student_after"] = ev["success_rate"]
