@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from opd_agents import Task, ToolEnv, tool
-from opd_agents.env.parsers import HermesParser, Llama3JsonParser, ParsedTurn, ToolCallParser
+from opd_agents.env.parsers import HermesParser, Llama3JsonParser
 from opd_agents.env.registry import make_env
 from opd_agents.models import build_tiny_model, load_model, load_tokenizer
 from opd_agents.rollout.chat_template import ChatTemplateRenderer, template_parser
@@ -23,7 +21,8 @@ from opd_agents.rollout.hf_engine import HFEngine
 from opd_agents.rollout.renderer import ChatMLRenderer, ChatTemplateWarning, make_renderer
 from opd_agents.rollout.runner import Rollout
 from opd_agents.training.view import TrainingView
-from opd_agents.types import Message, SamplingParams, ToolCall, Trajectory
+from opd_agents.types import Message, SamplingParams, Trajectory
+from tests.test_rollout import EchoEnv
 
 # Qwen2.5's layout: tools in the system block, tool results grouped in one user block.
 QWEN_STYLE = """{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}\
@@ -171,39 +170,6 @@ def test_expert_trajectory_equals_the_template(style: str, parser: str, qwen_sty
         whole = template_ids(tok, traj, generation=False)
         assert whole[: len(ids)] == ids  # the template adds only trailing glue after the final eot
         assert tok.decode(whole[len(ids):]).strip() == ""
-
-
-@tool
-def echo(text: str) -> str:
-    """Echo the text back, reversed.
-
-    Args:
-        text: what to echo
-    """
-    return text[::-1][:40]
-
-
-class EchoEverything(ToolCallParser):
-    """Every message is a call to `echo`; turns stop on common letters, so a random tiny model ends its turns."""
-
-    name = "echo_everything"
-    stop_strings = tuple("aeiounst")
-
-    def parse(self, text: str) -> ParsedTurn:
-        return ParsedTurn(calls=[ToolCall(name="echo", arguments={"text": text})])
-
-
-class EchoEnv(ToolEnv):
-    tools = [echo]
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(parser=EchoEverything(), **kwargs)
-
-    def generate_task(self, rng: np.random.Generator, seed: int, split: str) -> Task:
-        return Task(id=f"echo-{seed}", seed=seed, split=split, prompt=f"Echo {seed}", answer="")
-
-    def grade(self, task: Task, answer: str) -> float:
-        return 0.0
 
 
 def test_sampled_rollout_with_the_template_is_token_exact(qwen_style_dir: Path) -> None:
