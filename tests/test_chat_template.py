@@ -4,6 +4,7 @@ Templates in the Qwen and Llama-3 styles are written here and saved into tiny mo
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -244,3 +245,18 @@ def test_cli_rollout_with_the_models_template(tmp_path: Path, llama3_style_dir: 
     tok = tok_of(llama3_style_dir)
     bos = tok.convert_tokens_to_ids("<|begin_of_text|>")  # the Llama-style template's prompt, not ChatML's
     assert len(trajs) == 2 and all(t.prompt_ids[0] == bos for t in trajs)
+
+
+def test_an_sft_teacher_learns_the_text_of_the_runs_template(tmp_path: Path, qwen_style_dir: Path) -> None:
+    """student.chat_template reaches the SFT teacher: it is trained on the episodes as that template renders
+    them (the text it will score); ChatML teachers keep their settings (cached ones stay valid)."""
+    from opd_agents.teacher.sft import build_sft_teacher
+
+    env_id = "opd_agents/Arithmetic-v0"
+    factory = lambda: make_env(env_id, difficulty=1).unwrapped  # noqa: E731
+    settings = {}
+    for choice in ("chatml", "model"):
+        out = build_sft_teacher(str(qwen_style_dir), factory, env_id, factory().parser, tmp_path / choice,
+                                episodes=2, steps=1, batch_size=2, lr=1e-3, seed=0, chat_template=choice)
+        settings[choice] = json.loads((out / "opd_sft_teacher.json").read_text())["settings"]
+    assert "chat_template" not in settings["chatml"] and settings["model"]["chat_template"] == "model"

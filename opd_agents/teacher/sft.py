@@ -23,7 +23,7 @@ from opd_agents.rollout.expert import play_expert
 from opd_agents.models import load_model
 from opd_agents.env.parsers import ToolCallParser
 from opd_agents.training.policy import adamw, assistant_batch, cross_entropy
-from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.rollout.renderer import ChatTemplateChoice, make_renderer
 from opd_agents.training.view import TrainingView
 from opd_agents.types import Trajectory
 
@@ -62,14 +62,19 @@ def sft_train(model: PreTrainedModel, trajs: Sequence[Trajectory], pad_token_id:
 
 def build_sft_teacher(base_model: str, env_factory: Callable[[], ToolEnv], env_id: str, parser: ToolCallParser,
                       out_dir: Path, episodes: int, steps: int, batch_size: int, lr: float, seed: int,
-                      log: Callable[[str], None] | None = None, env_kwargs: dict[str, Any] | None = None) -> Path:
+                      log: Callable[[str], None] | None = None, env_kwargs: dict[str, Any] | None = None,
+                      chat_template: ChatTemplateChoice = "chatml") -> Path:
     """Fine-tune ``base_model`` on scripted-expert trajectories of the env's *training* seeds and save it.
+    ``chat_template``: how the episodes are rendered (the run's ``student.chat_template``: the teacher learns
+    the text it will score).
 
     Reused when ``out_dir`` already holds a finished teacher built with the same settings (``env_kwargs``,
     e.g. the difficulty, are part of them: a teacher built for another task variant is rebuilt).
     """
     settings = {"base_model": base_model, "env_id": env_id, "env_kwargs": env_kwargs or {}, "episodes": episodes,
                 "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+    if chat_template != "chatml":  # (absent for ChatML: teachers built before the option keep matching)
+        settings["chat_template"] = chat_template
     marker = out_dir / "opd_sft_teacher.json"
     if marker.is_file() and json.loads(marker.read_text()).get("settings") == settings:
         return out_dir
@@ -78,9 +83,9 @@ def build_sft_teacher(base_model: str, env_factory: Callable[[], ToolEnv], env_i
     model, tok = load_model(base_model)
     rng = random.Random(seed)
     seeds = rng.sample(range(0, 900_000), episodes)
-    renderer = ChatMLRenderer(tok, parser)
+    renderer = make_renderer(tok, parser, chat_template)
     trajs = play_expert(env_factory, seeds, env_id=env_id, renderer=renderer)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else renderer.im_end_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else renderer.eot_id
     losses = sft_train(model, trajs, int(pad), steps, batch_size, lr, seed)
     _save_atomically(model, tok, out_dir, {"settings": settings, "losses": losses[-5:],
                                            "expert_success": sum(t.success for t in trajs) / len(trajs),

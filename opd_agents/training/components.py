@@ -87,7 +87,8 @@ def build_teacher(cfg: RunConfig, env_factory: Callable[[], ToolEnv], student_to
             dist.barrier()
         path = build_sft_teacher(cfg.teacher.model, env_factory, cfg.env.id, renderer.parser,
                                  Path(cfg.run_dir) / "sft_teacher", sft.episodes, sft.steps, sft.batch_size,
-                                 sft.lr, cfg.seed, log=console.print, env_kwargs=cfg.env.kwargs)
+                                 sft.lr, cfg.seed, log=console.print, env_kwargs=cfg.env.kwargs,
+                                 chat_template=cfg.student.chat_template)
         if dist.is_main:
             dist.barrier()
         tcfg = tcfg.model_copy(update={"model": str(path)})
