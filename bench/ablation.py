@@ -271,7 +271,13 @@ def main() -> None:
     lock = threading.Lock()
 
     def cell_done(cell: tuple[str, int]) -> None:
-        run_one(grid, out, *cell, threads)
+        try:
+            run_one(grid, out, *cell, threads)
+        except subprocess.CalledProcessError as e:  # the other cells go on; a rerun resumes this one
+            how = "killed (SIGKILL: out of memory?)" if e.returncode == -9 else f"exit code {e.returncode}"
+            print(f"{cell[0]}-s{cell[1]} failed: {how}; its train.log has the details, rerunning the grid resumes "
+                  f"it from its last checkpoint", flush=True)
+            return
         with lock:  # one report at a time; each rewrites the whole table
             print(report(grid, out, before, cfg), flush=True)
 
