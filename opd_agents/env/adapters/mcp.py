@@ -43,6 +43,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from opd_agents.env.adapters import Rows, load_rows
 from opd_agents.env.core import Task, ToolEnv
 from opd_agents.env.tool import _NAME_RE, MAX_ERROR_CHARS, Tool, shorten
 from opd_agents.errors import ConfigError, OpdError, ToolDefinitionError
@@ -58,7 +59,6 @@ except ImportError as e:  # an optional extra; v1 of the SDK lacks Client
     raise ConfigError(f"the MCP adapter needs the mcp SDK v2: pip install 'opd-agents[mcp]' ({e})") from e
 
 ServerRef = str | Sequence[str] | Mapping[str, Any]
-Rows = Sequence[Mapping[str, Any]]
 CLOSE_TIMEOUT_S = 10.0
 CALL_GRACE_S = 5.0  # past its timeout the SDK itself gives up; this only bounds a wedged transport
 STDERR_TAIL_CHARS = 600
@@ -418,18 +418,6 @@ def _load_grader(grader: str | Grader) -> Grader:
                           f"taking (task, answer) ({e})") from None
 
 
-def _load_rows(rows: Rows | str | Path, what: str) -> list[Mapping[str, Any]]:
-    if isinstance(rows, (str, Path)):
-        path = Path(rows)
-        if not path.is_file():
-            raise ConfigError(f"MCP env {what}: no such file {path}")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    out = list(rows)
-    if not out or not all(isinstance(r, Mapping) and "prompt" in r for r in out):
-        raise ConfigError(f"MCP env {what}: needs rows with a 'prompt' (and an 'answer'), got {len(out)} rows")
-    return out
-
-
 class MCPToolEnv(ToolEnv):
     """The tools of an MCP server (and the class's own ``tools``), on a dataset's tasks or a subclass's.
 
@@ -450,8 +438,8 @@ class MCPToolEnv(ToolEnv):
         if ref is None:
             raise ConfigError(f"{type(self).__name__}: no MCP server (pass server=<url | command | entry>)")
         spec = MCPServerSpec.parse(ref)
-        self.rows = _load_rows(dataset, "dataset") if dataset is not None else []
-        self.eval_rows = _load_rows(eval_dataset, "eval_dataset") if eval_dataset is not None else self.rows
+        self.rows = load_rows(dataset, "MCP env dataset") if dataset is not None else []
+        self.eval_rows = load_rows(eval_dataset, "MCP env eval_dataset") if eval_dataset is not None else self.rows
         self._grader = _load_grader(grader)
         if system_prompt is not None:
             self.system_prompt = system_prompt

@@ -48,7 +48,7 @@ import json
 import re
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,12 +56,12 @@ import httpx
 import jsonschema
 import numpy as np
 
+from opd_agents.env.adapters import Rows, load_rows
 from opd_agents.env.core import Task, ToolEnv
 from opd_agents.env.tool import _NAME_RE, MAX_ERROR_CHARS, Tool, shorten
 from opd_agents.errors import ConfigError, OpdError
 from opd_agents.types import ErrorType, ToolCall, ToolResult
 
-Rows = Sequence[Mapping[str, Any]]
 Transport = Literal["ws", "http"]
 HIDDEN_ACTION_FIELDS = ("metadata",)  # openenv's Action base field: bookkeeping, not for the model
 # WSErrorCode values after which the server closes the WebSocket (http_server's websocket_endpoint).
@@ -332,18 +332,6 @@ def _model_facing(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the env ------------------------------------------------------------------------------------------
-def _load_rows(rows: Rows | str | Path, what: str) -> list[Mapping[str, Any]]:
-    if isinstance(rows, (str, Path)):
-        path = Path(rows)
-        if not path.is_file():
-            raise ConfigError(f"OpenEnv env {what}: no such file {path}")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    out = list(rows)
-    if not out or not all(isinstance(r, Mapping) and "prompt" in r for r in out):
-        raise ConfigError(f"OpenEnv env {what}: needs rows with a 'prompt', got {len(out)} rows")
-    return out
-
-
 class OpenEnvToolEnv(ToolEnv):
     """An OpenEnv server's env: its action as one tool, its rewards and ``done`` as the episode's."""
 
@@ -359,8 +347,8 @@ class OpenEnvToolEnv(ToolEnv):
         if transport not in ("ws", "http"):
             raise ConfigError(f"OpenEnv transport must be 'ws' or 'http', got {transport!r}")
         self.url = url.rstrip("/")
-        self.rows = _load_rows(dataset, "dataset") if dataset is not None else []
-        self.eval_rows = _load_rows(eval_dataset, "eval_dataset") if eval_dataset is not None else self.rows
+        self.rows = load_rows(dataset, "OpenEnv env dataset") if dataset is not None else []
+        self.eval_rows = load_rows(eval_dataset, "OpenEnv env eval_dataset") if eval_dataset is not None else self.rows
         self.instructions, self.success_reward = instructions, success_reward
         if system_prompt is not None:
             self.system_prompt = system_prompt

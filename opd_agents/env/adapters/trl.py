@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from opd_agents.env.adapters import Rows, load_rows
 from opd_agents.env.core import Task, ToolEnv
 from opd_agents.env.tool import Tool
 from opd_agents.errors import ConfigError
 
 RESERVED = {"reset", "get_reward"}
-Rows = Sequence[Mapping[str, Any]]
 
 
 def _load_factory(factory: Callable[[], Any] | str) -> Callable[[], Any]:
@@ -45,18 +44,6 @@ def _load_factory(factory: Callable[[], Any] | str) -> Callable[[], Any]:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"TRL environment factory {factory!r} not found ({e}); expected 'module:Class'") from e
-
-
-def _load_rows(rows: Rows | str | Path | None, what: str) -> list[Mapping[str, Any]]:
-    if isinstance(rows, (str, Path)):
-        path = Path(rows)
-        if not path.is_file():
-            raise ConfigError(f"TRL environment {what}: no such file {path}")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    out = list(rows or [])
-    if not out or not all(isinstance(r, Mapping) and "prompt" in r for r in out):
-        raise ConfigError(f"TRL environment {what}: needs rows with a 'prompt' (got {len(out)} rows)")
-    return out
 
 
 def _prompt_text(prompt: str | Sequence[Mapping[str, Any]]) -> str:
@@ -73,8 +60,8 @@ class TRLEnvironment(ToolEnv):
                  eval_dataset: Rows | str | Path | None = None, system_prompt: str | None = None,
                  **kwargs: Any) -> None:
         self.instance = _load_factory(factory)()
-        self.rows = _load_rows(dataset, "dataset")
-        self.eval_rows = _load_rows(eval_dataset, "eval_dataset") if eval_dataset is not None else self.rows
+        self.rows = load_rows(dataset, "TRL environment dataset")
+        self.eval_rows = load_rows(eval_dataset, "TRL environment eval_dataset") if eval_dataset is not None else self.rows
         if system_prompt is not None:
             self.system_prompt = system_prompt
         super().__init__(**kwargs)
