@@ -103,11 +103,18 @@ class RolloutConfig(_Strict):
                                           "vllm_server")
     max_episodes: int = Field(32, gt=0, description="episodes in flight at once; the engine batches their turns")
     api_base: str | None = Field(None, description="engine=vllm_server: the server, e.g. http://127.0.0.1:8000")
+    weight_sync: Literal["auto", "shm", "http"] = Field(
+        "auto", description="engine=vllm_server: how new weights reach it: a file in /dev/shm (same node), or "
+                            "served over HTTP by the trainer (another node); auto: shm for a loopback server")
+    weights_host: str | None = Field(None, description="weight_sync=http: the address the trainer serves the "
+                                                       "weights on (default: its address towards the server)")
 
     @model_validator(mode="after")
     def _api_base_with_server(self) -> RolloutConfig:
         if (self.api_base is None) != (self.engine != "vllm_server"):
             raise ValueError("rollout.api_base goes with rollout.engine=vllm_server (and only with it)")
+        if self.engine != "vllm_server" and (self.weight_sync != "auto" or self.weights_host):
+            raise ValueError("rollout.weight_sync / weights_host go with rollout.engine=vllm_server")
         return self
 
 

@@ -107,3 +107,33 @@ def test_new_episodes_share_one_prompt_prefix_and_it_follows_the_weights(engine:
     assert engine.tokens_shared == 5 * len(shared)  # recomputed once for the new weights
     for p, c in zip(prompts, later, strict=True):
         assert c.logprobs == pytest.approx(fresh_logprobs(engine.model, p + c.token_ids, 4), abs=1e-4)
+
+
+def test_weights_served_over_http_arrive_byte_for_byte(tmp_path: Any) -> None:
+    """The cross-node weight-sync path's transport (vllm_engine.serve_file): the file comes back whole
+    from its URL; any other path is a 404; after the block nothing listens."""
+    import httpx
+
+    from opd_agents.rollout.vllm_engine import _local_address_towards, serve_file
+
+    payload = bytes(range(256)) * 5000
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(payload)
+    assert _local_address_towards("localhost") == "127.0.0.1"
+    with serve_file(str(path), "127.0.0.1") as url:
+        assert httpx.get(url).content == payload
+        assert httpx.get(url.rsplit("/", 2)[0] + "/x/model.safetensors").status_code == 404
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url, timeout=2)
+
+
+def test_weight_sync_options_only_with_a_vllm_server() -> None:
+    from pydantic import ValidationError
+
+    from opd_agents.config import RolloutConfig
+
+    assert RolloutConfig(engine="vllm_server", api_base="http://10.0.0.2:8000", weight_sync="http").weight_sync == "http"
+    with pytest.raises(ValidationError, match="weight_sync"):
+        RolloutConfig(engine="hf", weight_sync="http")
+    with pytest.raises(ValidationError):
+        RolloutConfig(engine="vllm_server", api_base="http://10.0.0.2:8000", weight_sync="nccl")

@@ -146,3 +146,16 @@ def test_vllm_server_engine_samples_token_exact_and_takes_new_weights(tmp_path: 
         expected = [logp[p - 1, full[p]].item() for p in range(len(prompt), len(full))]
         assert np.abs(np.array(after.logprobs) - expected).max() < TOL
         assert after.token_ids != before.token_ids or np.abs(np.array(after.logprobs) - before.logprobs).max() > 10 * TOL
+        # The path for a server on another node: the trainer serves the weights over HTTP, the workers fetch.
+        assert engine.weight_sync == "shm"  # auto, loopback server
+        engine.weight_sync = "http"
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.8)
+        engine.load_weights(model)
+        over_http = asyncio.run(engine.complete(request))
+        full = prompt + over_http.token_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), dim=-1)
+        expected = [logp[p - 1, full[p]].item() for p in range(len(prompt), len(full))]
+        assert np.abs(np.array(over_http.logprobs) - expected).max() < TOL

@@ -145,12 +145,16 @@ class Rollout:
         """Restart sampling from ``seed`` (the trainer reseeds per step so a resumed run samples identically)."""
         self._seed = seed
 
-    def run(self, seeds: Sequence[int], progress: bool = False, first_position: int = 0) -> list[Trajectory]:
-        return run_sync(self.arun(seeds, progress, first_position))
+    def run(self, seeds: Sequence[int], progress: bool = False, first_position: int = 0,
+            on_episode_end: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
+        return run_sync(self.arun(seeds, progress, first_position, on_episode_end))
 
-    async def arun(self, seeds: Sequence[int], progress: bool = False, first_position: int = 0) -> list[Trajectory]:
+    async def arun(self, seeds: Sequence[int], progress: bool = False, first_position: int = 0,
+                   on_episode_end: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
         """``first_position``: where ``seeds`` start in a longer list played elsewhere too (a rank's slice of
-        a step): sampling depends on the place in the whole list, so the slices sample as the whole would."""
+        a step): sampling depends on the place in the whole list, so the slices sample as the whole would.
+        ``on_episode_end``: called with each finished trajectory at once (must not block: it runs on the
+        rollout's event loop), e.g. to score it while the other episodes still play."""
         t0 = time.perf_counter()
         slots = asyncio.Semaphore(self.max_episodes)
         done: list[Trajectory] = []
@@ -161,6 +165,8 @@ class Rollout:
             async def one(position: int, seed: int) -> Trajectory:
                 async with slots:
                     traj = await self._play(position, seed)
+                if on_episode_end is not None:
+                    on_episode_end(traj)
                 done.append(traj)
                 bar.update(task, completed=len(done), status=f"success {sum(t.success for t in done)}/{len(done)}")
                 return traj

@@ -10,21 +10,28 @@ one loop in a background thread and every call is forwarded to it: callers may u
 Weight sync (``load_weights(model)``): the trainer's state dict is written once to a safetensors file in
 shared memory (``/dev/shm``) and every vLLM worker loads it through ``WeightSyncExtension`` (vLLM's
 supported hook: ``worker_extension_cls`` + ``collective_rpc`` with a method name, no pickled functions),
-then the prefix cache is reset, because blocks computed with the old weights must not be reused. This
-works for workers on the same node (CPU or GPU); across nodes vLLM's own NCCL weight-transfer engine
-(``init_weight_transfer_engine`` / ``update_weights``) is the path (docs/scaling.md).
+then the prefix cache is reset, because blocks computed with the old weights must not be reused. A vLLM
+server on another node gets the same file over HTTP instead (``weight_sync="http"``: the trainer serves it
+once on a random path, the workers fetch it), which works on any backend; on GPUs vLLM's NCCL
+weight-transfer engine (``init_weight_transfer_engine`` / ``update_weights``) is the faster path
+(docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
+import ipaddress
 import os
+import secrets
+import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -38,10 +45,18 @@ T = TypeVar("T")
 class WeightSyncExtension:
     """Mixed into every vLLM worker (``worker_extension_cls``); called by name via ``collective_rpc``."""
 
-    def opd_load_weights(self, path: str) -> int:
-        from safetensors.torch import load_file
+    def opd_load_weights(self, source: str) -> int:
+        """``source``: a safetensors file on this node, or an http(s) URL the trainer serves it at."""
+        from safetensors.torch import load, load_file
 
-        weights = load_file(path)
+        if source.startswith(("http://", "https://")):
+            import httpx
+
+            response = httpx.get(source, timeout=600.0)
+            response.raise_for_status()
+            weights = load(response.content)
+        else:
+            weights = load_file(source)
         # reload_weights, not model.load_weights: backends repack weights after loading (the CPU one into
         # oneDNN layouts), and the in-place reload redoes that processing.
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))  # type: ignore[attr-defined]
@@ -122,20 +137,27 @@ class VLLMServerEngine:
     (``POST /inference/v1/generate``: token ids in, sampled ids + logprobs out; ``vllm serve MODEL
     --enable-scale-out --logprobs-mode processed_logprobs``).
 
-    Weight sync (``load_weights``) needs the server on this node, started with
-    ``VLLM_SERVER_DEV_MODE=1 vllm serve MODEL --enable-scale-out --logprobs-mode processed_logprobs
-    --worker-extension-cls opd_agents.rollout.vllm_engine.WeightSyncExtension``: the weights go
-    through a file in /dev/shm and ``POST /collective_rpc``, then ``POST /reset_prefix_cache``. A server on
-    another node takes vLLM's NCCL weight-transfer endpoints instead (docs/scaling.md)."""
+    Weight sync (``load_weights``) needs the server started with ``VLLM_SERVER_DEV_MODE=1 vllm serve MODEL
+    --enable-scale-out --logprobs-mode processed_logprobs --worker-extension-cls
+    opd_agents.rollout.vllm_engine.WeightSyncExtension``: the weights go through a safetensors file —
+    ``weight_sync="shm"``: in /dev/shm (a server on this node), ``"http"``: served by the trainer at
+    ``weights_host`` (default: this node's address towards the server) for a server on another node,
+    ``"auto"``: shm for a loopback server, else http — then ``POST /collective_rpc`` and ``POST
+    /reset_prefix_cache``."""
 
-    def __init__(self, api_base: str, renderer: Renderer, model: str | None = None,
-                 timeout_s: float = 600.0) -> None:
+    def __init__(self, api_base: str, renderer: Renderer, model: str | None = None, timeout_s: float = 600.0,
+                 weight_sync: Literal["auto", "shm", "http"] = "auto", weights_host: str | None = None) -> None:
         import httpx
 
         self.root = api_base.rstrip("/").removesuffix("/v1")
         self.renderer = renderer
         self.model = model
         self.timeout_s = timeout_s
+        server_host = httpx.URL(self.root).host
+        if weight_sync == "auto":
+            weight_sync = "shm" if _is_loopback(server_host) else "http"
+        self.weight_sync = weight_sync
+        self.weights_host = weights_host or _local_address_towards(server_host)
         self.tokens_sampled = 0
         try:
             httpx.get(f"{self.root}/health", timeout=10.0).raise_for_status()
@@ -165,8 +187,9 @@ class VLLMServerEngine:
     def load_weights(self, model: torch.nn.Module) -> None:
         import httpx
 
-        with weights_file(model) as path:
-            r = httpx.post(f"{self.root}/collective_rpc", json={"method": "opd_load_weights", "args": [path]},
+        with weights_file(model) as path, contextlib.ExitStack() as serving:
+            source = serving.enter_context(serve_file(path, self.weights_host)) if self.weight_sync == "http" else path
+            r = httpx.post(f"{self.root}/collective_rpc", json={"method": "opd_load_weights", "args": [source]},
                            timeout=self.timeout_s)
             if r.status_code != 200:
                 raise RuntimeError(f"weight sync to {self.root} failed (HTTP {r.status_code}; the server needs "
@@ -206,6 +229,58 @@ def weights_file(model: torch.nn.Module) -> Iterator[str]:
         os.chmod(tmp, 0o755)  # a server running as another user reads it too
         os.chmod(path, 0o644)
         yield str(path)
+
+
+@contextlib.contextmanager
+def serve_file(path: str, host: str) -> Iterator[str]:
+    """Serve the file at ``path`` over HTTP on ``host`` (a free port, an unguessable path) until the block
+    ends; yields its URL."""
+    size = os.path.getsize(path)
+    route = f"/{secrets.token_urlsafe(16)}/model.safetensors"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            if self.path != route:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            with open(path, "rb") as f:
+                shutil.copyfileobj(f, self.wfile, 1 << 20)
+
+        def log_message(self, *args: Any) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer((host, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="opd-weights-http")
+    thread.start()
+    try:
+        yield f"http://{_url_host(host)}:{server.server_address[1]}{route}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _local_address_towards(host: str) -> str:
+    """This node's address on the route to ``host`` (no packet is sent: a UDP socket only picks a route)."""
+    if _is_loopback(host):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(host), 9))
+        return str(s.getsockname()[0])
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -2,14 +2,17 @@
 comes from.
 
 Sources, cheapest first: the online teacher (it scored every turn during the rollout, keeping full logits or
-top-k ids when asked); else one full-logits pass (the loss's distributions and the sampled-token logprobs at
-once); else sampled-token (or top-k) scoring. Whatever the source, the sampled-token logprobs are also on
-the turns (``turn.teacher_logprobs``: telemetry and the stores read them there).
+top-k ids when asked); else a ``ScoringStream`` (it scored episodes as they finished, while the others still
+played); else one full-logits pass (the loss's distributions and the sampled-token logprobs at once); else
+sampled-token (or top-k) scoring. Whatever the source, the sampled-token logprobs are also on the turns
+(``turn.teacher_logprobs``: telemetry and the stores read them there).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +37,15 @@ class TeacherSignal:
     topk_ids: dict[str, list[list[list[int]]]] = field(default_factory=dict)  # scored top-k, best first
     topk_logprobs: dict[str, list[list[list[float]]]] = field(default_factory=dict)
     online_topk_ids: dict[str, list[list[list[int]]]] = field(default_factory=dict)  # the policies' width
-    tokens_processed: int = 0  # teacher tokens read after the rollout
+    tokens_processed: int = 0  # teacher tokens read after the rollout (or while it ran, by a stream)
+    scored: set[str] = field(default_factory=set)  # trajectories scored here (not by the online teacher)
+
+    def merge(self, other: TeacherSignal) -> None:
+        """Take ``other``'s trajectories in (signals of disjoint trajectories)."""
+        for name in ("logprobs", "logits", "topk_ids", "topk_logprobs", "online_topk_ids"):
+            getattr(self, name).update(getattr(other, name))
+        self.tokens_processed += other.tokens_processed
+        self.scored |= other.scored
 
     def policy_topk_ids(self, traj: Trajectory, k: int) -> list[list[list[int]]] | None:
         """The teacher's top-k ids that divergence policies read: from the logits rows when there are any
@@ -64,35 +75,81 @@ class TeacherSignal:
 
 
 def gather_teacher_signal(teacher: Teacher, trajs: Sequence[Trajectory], online: OnlineTeacher | None,
-                          need: Needs, top_k: int) -> TeacherSignal:
+                          need: Needs, top_k: int, streamed: TeacherSignal | None = None) -> TeacherSignal:
     """Get what a step reads from the teacher, reading each token once.
 
     ``need``: "logits" (a full-vocabulary loss), "topk" (top-k ids and logprobs), "logprobs" (sampled
     tokens) or "none". ``top_k``: the width to score at (the widest the loss or a policy reads). ``online``:
     the teacher that scored the batch's turns during the rollout, None when the batch was not sampled with
-    it (off-policy batches)."""
+    it (off-policy batches). ``streamed``: what a ``ScoringStream`` already scored during the rollout."""
     signal = TeacherSignal()
     rows = online.take_logits() if online is not None and online.keep_logits else {}
     signal.online_topk_ids = online.take_topk() if online is not None and online.keep_topk else {}
     # The online teacher keeps the policies' top-k ids but not the top-k logprobs a top-k loss needs.
     scored_online = online is not None and need != "topk" and all(
         turn.teacher_logprobs is not None for t in trajs for turn in t.turns)
-    if need == "logits":
-        if scored_online and all(t.id in rows for t in trajs):
-            signal.logits = rows
-        else:
-            signal.logits, signal.tokens_processed = _full_logits_pass(teacher, trajs)
-    elif need != "none" and not scored_online:
-        scores = teacher.score_and_apply(trajs, top_k=top_k)
-        for t, s in zip(trajs, scores, strict=True):
-            if s.topk_ids is not None and s.topk_logprobs is not None:
-                signal.topk_ids[t.id], signal.topk_logprobs[t.id] = s.topk_ids, s.topk_logprobs
-        signal.tokens_processed = sum(s.tokens_processed for s in scores)
+    if need == "logits" and scored_online and all(t.id in rows for t in trajs):
+        signal.logits = rows
+    elif need != "none" and (need == "logits" or not scored_online):
+        if streamed is not None:
+            signal.merge(streamed)
+        rest = [t for t in trajs if t.id not in signal.scored]
+        if rest:
+            signal.merge(score_batch(teacher, rest, need, top_k))
     for t in trajs:
         lps = [turn.teacher_logprobs for turn in t.turns if turn.teacher_logprobs is not None]
         if len(lps) == len(t.turns):  # a trajectory is scored whole or not at all
             signal.logprobs[t.id] = lps
     return signal
+
+
+def score_batch(teacher: Teacher, trajs: Sequence[Trajectory], need: Needs, top_k: int) -> TeacherSignal:
+    """Score ``trajs`` after their rollout: one full-logits pass for ``need == "logits"``, else sampled-token
+    (and top-k) scoring; the sampled-token logprobs land on the turns either way."""
+    signal = TeacherSignal(scored={t.id for t in trajs})
+    if need == "logits":
+        signal.logits, signal.tokens_processed = _full_logits_pass(teacher, trajs)
+    elif need != "none":
+        scores = teacher.score_and_apply(trajs, top_k=top_k)
+        for t, s in zip(trajs, scores, strict=True):
+            if s.topk_ids is not None and s.topk_logprobs is not None:
+                signal.topk_ids[t.id], signal.topk_logprobs[t.id] = s.topk_ids, s.topk_logprobs
+        signal.tokens_processed = sum(s.tokens_processed for s in scores)
+    return signal
+
+
+class ScoringStream:
+    """Scores episodes as they finish, while the rest of the rollout still plays (``Rollout.run``'s
+    ``on_episode_end``). One worker thread: whenever it is free it takes every episode that finished since
+    its last batch and scores them as one batch, so the teacher still batches and its pass over the first
+    episodes hides behind the generation of the last ones. ``result()`` waits for the rest."""
+
+    def __init__(self, teacher: Teacher, need: Needs, top_k: int) -> None:
+        self.teacher, self.need, self.top_k = teacher, need, top_k
+        self._pending: list[Trajectory] = []
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher")
+        self._batches: list[Future[TeacherSignal]] = []
+
+    def submit(self, traj: Trajectory) -> None:
+        with self._lock:
+            self._pending.append(traj)
+        self._batches.append(self._worker.submit(self._score_pending))
+
+    def _score_pending(self) -> TeacherSignal:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        return score_batch(self.teacher, batch, self.need, self.top_k) if batch else TeacherSignal()
+
+    def result(self) -> TeacherSignal:
+        """Every submitted episode's signal (a scoring error is raised here); the worker stops."""
+        signal = TeacherSignal()
+        try:
+            for batch in self._batches:
+                signal.merge(batch.result())
+        finally:
+            self._worker.shutdown(wait=True, cancel_futures=True)
+        return signal
 
 
 def _full_logits_pass(teacher: Teacher, trajs: Sequence[Trajectory]) -> tuple[dict[str, Tensor], int]:

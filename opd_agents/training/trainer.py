@@ -51,7 +51,7 @@ from opd_agents.store import TrajectoryWriter
 from opd_agents.teacher import ServerTeacher
 from opd_agents.teacher.online import OnlineTeacher
 from opd_agents.training.producers import OffPolicyProducer
-from opd_agents.training.signal import TeacherSignal, gather_teacher_signal
+from opd_agents.training.signal import ScoringStream, TeacherSignal, gather_teacher_signal
 from opd_agents.training.view import TrainingView
 from opd_agents.types import SamplingParams, Trajectory
 
@@ -103,7 +103,8 @@ class Trainer:
                           else self.renderer.eot_id)
         self.sampling = SamplingParams(temperature=cfg.sampling_temperature,
                                        max_tokens_per_turn=cfg.max_tokens_per_turn, seed=cfg.seed)
-        server = {"api_base": cfg.rollout.api_base} if cfg.rollout.api_base else {}
+        server = {"api_base": cfg.rollout.api_base, "weight_sync": cfg.rollout.weight_sync,
+                  "weights_host": cfg.rollout.weights_host} if cfg.rollout.api_base else {}
         self.rollout = Rollout(make_engine(cfg.rollout.engine, model=self.sampler, renderer=self.renderer, **server),
                                self.env_factory, self.sampling, model_id=cfg.student.model, env_id=cfg.env.id,
                                max_episodes=cfg.rollout.max_episodes)
@@ -270,16 +271,22 @@ class Trainer:
         on_policy = np.random.default_rng([cfg.seed, step, 1]).random() < tc.on_policy_fraction
         self.rollout.reseed(cfg.seed * 1_000_003 + step)
         online_before = self.rollout.online_teacher.tokens_processed if self.rollout.online_teacher else 0
+        loss_spec = self._loss_for(on_policy)
+        need, top_k = self._teacher_need(loss_spec, on_policy), max(cfg.loss.top_k, self.policies.top_k)
+        stream = None
         if on_policy:
-            trajs = self.rollout.run(seeds, first_position=mine.start * tc.group_size)
+            # Without an online teacher, finished episodes are scored while the others still play.
+            if cfg.teacher.overlap and need != "none" and self.rollout.online_teacher is None:
+                stream = ScoringStream(self.teacher, need, top_k)
+            trajs = self.rollout.run(seeds, first_position=mine.start * tc.group_size,
+                                     on_episode_end=stream.submit if stream else None)
         else:
             trajs = self.producer.off_policy_trajectories(seeds, self.teacher, tc.off_policy_source)
         t_roll = time.perf_counter()
         online = self.rollout.online_teacher if on_policy else None
         online_tokens = online.tokens_processed - online_before if online else 0
-        loss_spec = self._loss_for(on_policy)
-        teacher = gather_teacher_signal(self.teacher, trajs, online, self._teacher_need(loss_spec, on_policy),
-                                        top_k=max(cfg.loss.top_k, self.policies.top_k))
+        teacher = gather_teacher_signal(self.teacher, trajs, online, need, top_k,
+                                        streamed=stream.result() if stream else None)
         t_div = time.perf_counter()
         signals = topk_signals(self.policies.top_k, trajs, teacher, self.student, self.pad_id,
                                tc.micro_batch_size) if self.policies.top_k else {}

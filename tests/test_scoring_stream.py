@@ -1,0 +1,83 @@
+"""The teacher scores finished episodes while the others still play (``ScoringStream``), and what it gives
+equals one pass after the rollout."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from opd_agents import EnvLimits
+from opd_agents.models import load_model
+from opd_agents.teacher.hf import HFTeacher
+from opd_agents.training.signal import ScoringStream, gather_teacher_signal
+from opd_agents.types import SamplingParams, Trajectory
+from tests.test_rollout import STEP_LOG, SlowEchoEnv, make_rollout
+
+
+class TimedTeacher(HFTeacher):
+    """The real HF teacher, noting when each batch it scored was done and which trajectories it held."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[tuple[float, list[int]]] = []
+
+    def logits_for(self, trajs: Sequence[Trajectory]) -> list[torch.Tensor]:
+        rows = super().logits_for(trajs)
+        self.batches.append((time.perf_counter(), [t.seed for t in trajs]))
+        return rows
+
+
+@pytest.mark.parametrize("need", ["logits", "logprobs", "topk"])
+def test_stream_scores_while_slow_episode_plays_and_equals_one_pass(tiny_model_dir: Path, tiny_teacher_dir: Path,
+                                                                    need: Any) -> None:
+    rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 3}, SamplingParams(max_tokens_per_turn=8, seed=0))
+    rollout.env_factory = lambda: SlowEchoEnv(limits=EnvLimits(max_turns=3))  # seed 0: 0.6 s per tool call
+    model, tok = load_model(tiny_teacher_dir)
+    teacher = TimedTeacher(model, tok, batch_size=8)
+    STEP_LOG.clear()
+    stream = ScoringStream(teacher, need, top_k=4)
+    trajs = rollout.run([0, 1, 2, 3], on_episode_end=stream.submit)
+    rollout_end = time.perf_counter()
+    streamed = stream.result()
+    signal = gather_teacher_signal(teacher, trajs, None, need, 4, streamed=streamed)
+    assert streamed.scored == signal.scored == {t.id for t in trajs}  # nothing was scored twice
+
+    if need == "logits":
+        slow_last_step = max(t for seed, t in STEP_LOG if seed == 0)
+        fast_scored = [done for done, seeds in teacher.batches if 0 not in seeds]
+        assert fast_scored and max(fast_scored) < slow_last_step < rollout_end  # hidden behind the slow episode
+    expected = [[list(turn.teacher_logprobs) for turn in t.turns] for t in trajs]
+    one_pass_teacher = HFTeacher(model, tok, batch_size=8)
+    for t in trajs:
+        for turn in t.turns:
+            turn.teacher_logprobs = None
+    one_pass = gather_teacher_signal(one_pass_teacher, trajs, None, need, 4)
+    for t, lps in zip(trajs, expected, strict=True):
+        assert signal.logprobs[t.id] == lps
+        got = torch.tensor([x for turn in lps for x in turn])
+        want = torch.tensor([x for turn in one_pass.logprobs[t.id] for x in turn])
+        assert got.shape == want.shape and got.numel() > 0
+        assert torch.allclose(got, want, atol=1e-4)
+        if need == "logits":
+            assert torch.allclose(signal.logits[t.id], one_pass.logits[t.id], atol=1e-4)
+        if need == "topk":
+            assert signal.topk_ids[t.id] == one_pass.topk_ids[t.id]
+    assert signal.tokens_processed == one_pass.tokens_processed > 0
+
+
+def test_stream_raises_the_teachers_error_at_result(tiny_model_dir: Path) -> None:
+    class BrokenTeacher(HFTeacher):
+        def score(self, trajs: Sequence[Trajectory], top_k: int = 0) -> Any:
+            raise RuntimeError("teacher server went away")
+
+    model, tok = load_model(tiny_model_dir)
+    rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 1}, SamplingParams(max_tokens_per_turn=4, seed=0))
+    stream = ScoringStream(BrokenTeacher(model, tok), "logprobs", top_k=0)
+    rollout.run([1, 2], on_episode_end=stream.submit)  # the rollout itself finishes
+    with pytest.raises(RuntimeError, match="went away"):
+        stream.result()
