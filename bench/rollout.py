@@ -3,6 +3,11 @@
     python bench/rollout.py --engines hf vllm --envs opd_agents/Arithmetic-v0:difficulty=2 opd_agents/RetrievalQA-v0
     python bench/rollout.py --engines vllm_server --api-base http://127.0.0.1:8000   # a server started by hand:
         # vllm serve MODEL --enable-scale-out --logprobs-mode processed_logprobs --max-model-len 8192
+    python bench/rollout.py --engines lockstep hf   # the loop before the engine protocol (git worktree)
+
+``lockstep`` is the rollout loop as it was before the engine protocol (commit LOCKSTEP_COMMIT: batches of
+``--episodes`` advanced turn by turn, a finished row decoding pads until the turn's longest row stops),
+run from a git worktree of that commit made under runs/ on first use.
 
 Each (engine, env) cell runs in a fresh child process (model load and engine start-up are timed apart from
 the rollout), `--repeats` times, interleaved across engines so machine noise hits all of them alike; the
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,14 +29,24 @@ from pathlib import Path
 from typing import Any
 
 
+LOCKSTEP_COMMIT = "6fd81a5"  # the parent of the engine-protocol commit 12b8504
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lockstep_worktree() -> Path:
+    tree = REPO / "runs" / f"lockstep-{LOCKSTEP_COMMIT}"
+    if not tree.is_dir():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), LOCKSTEP_COMMIT], check=True)
+    return tree
+
+
 def one(engine: str, env_spec: str, model: str, episodes: int, api_base: str | None, device: str) -> dict[str, Any]:
     """Run in the child: load, start the engine, play the episodes, return the timings."""
     import yaml
 
     from opd_agents.env.core import heldout_seeds
     from opd_agents.env.registry import make_env
-    from opd_agents.models import load_model, load_tokenizer, resolve_model
-    from opd_agents.rollout.engine import make_engine
+    from opd_agents.models import load_model, resolve_model
     from opd_agents.rollout.renderer import ChatMLRenderer
     from opd_agents.rollout.runner import Rollout
     from opd_agents.types import SamplingParams
@@ -39,18 +55,34 @@ def one(engine: str, env_spec: str, model: str, episodes: int, api_base: str | N
     kwargs = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.split(",") if a)}
     factory = lambda: make_env(env_id, **kwargs).unwrapped  # noqa: E731
     t0 = time.perf_counter()
-    if engine == "hf":
+    if engine == "lockstep":  # the old API: an HFSampler over the model, Rollout(batch_size=...)
+        from opd_agents.rollout.sampler import HFSampler  # type: ignore[import-not-found]
+
+        lm, tok = load_model(model, device=device)
+        renderer = ChatMLRenderer(tok, factory().parser)
+        rollout = Rollout(HFSampler(lm, renderer), factory, SamplingParams(temperature=1.0, seed=0), env_id=env_id,
+                          batch_size=episodes)
+        start_s = time.perf_counter() - t0
+        rollout.reseed(0)
+    elif engine == "hf":
         lm, tok = load_model(model, device=device)
     else:
+        from opd_agents.models import load_tokenizer
+
         lm, tok = str(resolve_model(model)), load_tokenizer(model)
-    server = {"api_base": api_base} if engine == "vllm_server" else {}
-    sampler = make_engine(engine, model=lm, renderer=ChatMLRenderer(tok, factory().parser), **server)
-    start_s = time.perf_counter() - t0
-    rollout = Rollout(sampler, factory, SamplingParams(temperature=1.0, seed=0), env_id=env_id, max_episodes=episodes)
+    if engine != "lockstep":
+        from opd_agents.rollout.engine import make_engine
+
+        server = {"api_base": api_base} if engine == "vllm_server" else {}
+        sampler = make_engine(engine, model=lm, renderer=ChatMLRenderer(tok, factory().parser), **server)
+        start_s = time.perf_counter() - t0
+        rollout = Rollout(sampler, factory, SamplingParams(temperature=1.0, seed=0), env_id=env_id,
+                          max_episodes=episodes)
     t1 = time.perf_counter()
     trajs = rollout.run(heldout_seeds(episodes))
     wall = time.perf_counter() - t1
-    rollout.close()
+    if engine != "lockstep":
+        rollout.close()
     tokens = sum(t.num_assistant_tokens for t in trajs)
     return {"engine": engine, "env": env_spec, "start_s": start_s, "wall_s": wall, "episodes_per_s": len(trajs) / wall,
             "tokens_per_s": tokens / wall, "tokens": tokens, "mean_turns": statistics.mean(len(t.turns) for t in trajs)}
@@ -76,10 +108,12 @@ def main() -> None:
     for _ in range(args.repeats):
         for env_spec in args.envs:
             for engine in args.engines:  # interleaved: each repeat visits every engine once
+                # the old loop runs from its own worktree (its package first on the path)
+                env = dict(os.environ, PYTHONPATH=str(lockstep_worktree())) if engine == "lockstep" else None
                 cmd = [sys.executable, __file__, "--child", json.dumps([engine, env_spec]), "--model", args.model,
                        "--episodes", str(args.episodes), "--device", args.device,
                        *(["--api-base", args.api_base] if args.api_base else [])]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
                 rows.append(json.loads(out))
                 print(rows[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

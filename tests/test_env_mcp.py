@@ -115,12 +115,41 @@ def test_a_server_that_dies_mid_episode_ends_it_and_the_next_reset_restarts_it()
 
 
 def test_an_env_dropped_without_close_stops_its_server() -> None:
-    env = MCPToolEnv(server=STDIO, dataset=ROWS)  # the rollout makes one env per episode, never closes it
+    env = MCPToolEnv(server=STDIO, dataset=ROWS)  # a user's env dropped without close()
     env.reset(seed=0)
     pid = pid_of(env)
     del env
     gc.collect()
     assert gone(pid)
+
+
+def test_the_rollout_closes_each_episodes_env_and_so_its_server(tiny_model_dir: Path) -> None:
+    from opd_agents.models import load_model
+    from opd_agents.rollout.hf_engine import HFEngine
+    from opd_agents.rollout.renderer import ChatMLRenderer
+    from opd_agents.rollout.runner import Rollout
+    from opd_agents.types import SamplingParams
+
+    pids: list[int] = []
+    made: list[MCPToolEnv] = []  # kept alive here: their servers stop because the rollout closes them, not by GC
+
+    class Recorded(MCPToolEnv):
+        def reset(self, **kwargs: Any) -> Any:
+            out = super().reset(**kwargs)
+            pids.append(pid_of(self))
+            made.append(self)
+            return out
+
+    model, tok = load_model(tiny_model_dir)
+    probe = MCPToolEnv(server=STDIO, dataset=ROWS)
+    renderer = ChatMLRenderer(tok, probe.parser)
+    probe.close()
+    rollout = Rollout(HFEngine(model, renderer), lambda: Recorded(server=STDIO, dataset=ROWS),
+                      SamplingParams(max_tokens_per_turn=4, seed=0))
+    trajs = rollout.run([0, 1, 2])
+    rollout.close()
+    assert len(trajs) == len(set(pids)) == 3
+    assert all(gone(pid) for pid in pids)  # no server per episode left behind
 
 
 @pytest.mark.parametrize(("server", "message"), [

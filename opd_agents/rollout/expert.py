@@ -36,5 +36,6 @@ def play_expert(env_factory: Callable[[], ToolEnv], seeds: Sequence[int], env_id
                 turn.observation_ids = renderer.observation_ids(
                     [Message.model_validate(m) for m in obs], turn_closed=True)
         traj.messages = list(env.history)
+        env.close()
         out.append(traj)
     return out

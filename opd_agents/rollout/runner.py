@@ -221,6 +221,8 @@ class Rollout:
             self.engine.release(traj.id)
             if online is not None:
                 online.release(traj.id)
+            # The rollout made the env, so it closes it (an MCP stdio server, a game engine stop with it).
+            await loop.run_in_executor(self._pool, ep.env.close)
         return traj
 
     def _step(self, ep: _Episode, sample: Completion, budget_reason: StopReason,
