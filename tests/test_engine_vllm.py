@@ -135,27 +135,23 @@ def test_vllm_server_engine_samples_token_exact_and_takes_new_weights(tmp_path: 
         prompt = list(range(300, 340))
         request = CompletionRequest(prompt, max_tokens=5, temperature=0.0)
         before = asyncio.run(engine.complete(request))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1.3)
-        engine.load_weights(model)
-        after = asyncio.run(engine.complete(request))
-        full = prompt + after.token_ids
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), dim=-1)
-        expected = [logp[p - 1, full[p]].item() for p in range(len(prompt), len(full))]
-        assert np.abs(np.array(after.logprobs) - expected).max() < TOL
+
+        def scale_sync_and_sample(factor: float) -> Any:
+            """Scale the trainer's weights, sync them; the server's logprobs must follow the new weights."""
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(factor)
+            engine.load_weights(model)
+            out = asyncio.run(engine.complete(request))
+            full = prompt + out.token_ids
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), dim=-1)
+            expected = [logp[p - 1, full[p]].item() for p in range(len(prompt), len(full))]
+            assert np.abs(np.array(out.logprobs) - expected).max() < TOL
+            return out
+
+        after = scale_sync_and_sample(1.3)  # through /dev/shm (auto: a loopback server)
+        assert engine.weight_sync == "shm"
         assert after.token_ids != before.token_ids or np.abs(np.array(after.logprobs) - before.logprobs).max() > 10 * TOL
-        # The path for a server on another node: the trainer serves the weights over HTTP, the workers fetch.
-        assert engine.weight_sync == "shm"  # auto, loopback server
-        engine.weight_sync = "http"
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(0.8)
-        engine.load_weights(model)
-        over_http = asyncio.run(engine.complete(request))
-        full = prompt + over_http.token_ids
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), dim=-1)
-        expected = [logp[p - 1, full[p]].item() for p in range(len(prompt), len(full))]
-        assert np.abs(np.array(over_http.logprobs) - expected).max() < TOL
+        engine.weight_sync = "http"  # the path for a server on another node: the workers fetch from the trainer
+        scale_sync_and_sample(0.8)
