@@ -148,8 +148,12 @@ class ScoringStream:
             for batch in self._batches:
                 signal.merge(batch.result())
         finally:
-            self._worker.shutdown(wait=True, cancel_futures=True)
+            self.close()
         return signal
+
+    def close(self) -> None:
+        """Stop the worker; batches not started yet are dropped (the rollout failed: nothing to score)."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
 
 
 def _full_logits_pass(teacher: Teacher, trajs: Sequence[Trajectory]) -> tuple[dict[str, Tensor], int]:

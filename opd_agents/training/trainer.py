@@ -278,8 +278,13 @@ class Trainer:
             # Without an online teacher, finished episodes are scored while the others still play.
             if cfg.teacher.overlap and need != "none" and self.rollout.online_teacher is None:
                 stream = ScoringStream(self.teacher, need, top_k)
-            trajs = self.rollout.run(seeds, first_position=mine.start * tc.group_size,
-                                     on_episode_end=stream.submit if stream else None)
+            try:
+                trajs = self.rollout.run(seeds, first_position=mine.start * tc.group_size,
+                                         on_episode_end=stream.submit if stream else None)
+            except BaseException:
+                if stream is not None:  # no scoring thread outlives a failed rollout
+                    stream.close()
+                raise
         else:
             trajs = self.producer.off_policy_trajectories(seeds, self.teacher, tc.off_policy_source)
         t_roll = time.perf_counter()
