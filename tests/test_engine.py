@@ -137,3 +137,37 @@ def test_weight_sync_options_only_with_a_vllm_server() -> None:
         RolloutConfig(engine="hf", weight_sync="http")
     with pytest.raises(ValidationError):
         RolloutConfig(engine="vllm_server", api_base="http://10.0.0.2:8000", weight_sync="nccl")
+
+
+def _works(n: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[Any]:
+    from concurrent.futures import Future
+
+    from opd_agents.rollout.hf_engine import _Work
+
+    req = CompletionRequest(prompt_ids=[1], max_tokens=1, temperature=temperature, top_p=top_p)
+    return [_Work(req, Future(), torch.Generator().manual_seed(seed + i)) for i in range(n)]
+
+
+def test_batched_sampling_follows_the_distribution_and_the_nucleus() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6) * 2
+    probs = torch.softmax(logits, dim=-1)
+    n = 20_000
+    tokens, logprobs = HFEngine._sample(_works(n), logits.expand(n, -1))
+    freq = torch.bincount(torch.tensor(tokens), minlength=6).float() / n
+    assert (freq - probs).abs().max() < 0.015  # 3 sigma of a 20k-draw frequency is < 0.011
+    assert logprobs == pytest.approx(torch.log(probs[tokens]).tolist(), abs=1e-5)
+    # top-p: only the smallest set of tokens whose mass reaches p; logprobs stay those before the cut
+    nucleus = set(probs.argsort(descending=True)[: int((probs.sort(descending=True).values.cumsum(0) < 0.6).sum()) + 1].tolist())
+    tokens, _ = HFEngine._sample(_works(2000, top_p=0.6), logits.expand(2000, -1))
+    assert set(tokens) == nucleus
+    greedy, greedy_lp = HFEngine._sample(_works(3, temperature=0.0), logits.expand(3, -1))
+    assert greedy == [int(logits.argmax())] * 3 and greedy_lp[0] == pytest.approx(float(probs.max().log()), abs=1e-6)
+
+
+def test_a_seeded_request_samples_the_same_alone_or_in_a_batch() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(8, 50) * 3
+    together, _ = HFEngine._sample(_works(8, seed=10), logits)
+    alone = [HFEngine._sample(_works(1, seed=10 + i), logits[i : i + 1])[0][0] for i in range(8)]
+    assert together == alone

@@ -292,3 +292,31 @@ def test_tis_needs_untempered_sampling_and_engines_are_checked(tmp_path: Path, t
     assert not (tmp_path / "run").exists()  # refused before any work
     with pytest.raises(ConfigError, match="rollout.api_base goes with rollout.engine=vllm_server"):
         tiny_cfg(tmp_path, tiny_model_dir, **{"rollout.engine": "vllm_server"})
+
+
+def test_pick_device_keeps_fp32_weights_under_mixed_precision() -> None:
+    from opd_agents.training.components import pick_device
+
+    assert pick_device("cpu", "auto") == (torch.device("cpu"), torch.float32, None)
+    assert pick_device("cpu", "bf16-mixed") == (torch.device("cpu"), torch.float32, torch.bfloat16)
+    assert pick_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16, None)
+
+
+def test_bf16_mixed_keeps_the_small_updates_bf16_weights_round_away(tmp_path: Path, tiny_model_dir: Path,
+                                                                     tiny_teacher_dir: Path) -> None:
+    """At lr 1e-5 an AdamW step moves a weight by ~1e-5, under half a bf16 ulp for |w| > ~2e-3: bf16 weights
+    keep few of the updates; bf16-mixed (fp32 weights, bf16 autocast in the engine and the training
+    forward) keeps them all, and its engine/trainer mismatch stays at bf16 rounding."""
+    changed = {}
+    for dtype in ("bfloat16", "bf16-mixed"):
+        trainer = Trainer(tiny_cfg(tmp_path / dtype, tiny_model_dir, **{
+            "teacher.model": str(tiny_teacher_dir), "train.steps": 1, "train.lr": 1e-5, "train.dtype": dtype,
+            "train.lr_schedule": "constant"}))
+        before = params(trainer.student)
+        trainer.train()
+        after = params(trainer.student)
+        assert {v.dtype for v in after.values()} == {torch.bfloat16 if dtype == "bfloat16" else torch.float32}
+        changed[dtype] = sum(int((before[k] != v).sum()) for k, v in after.items()) / sum(v.numel() for v in after.values())
+        row = json.loads((tmp_path / dtype / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert torch.isfinite(torch.tensor(row["loss"])) and row["mismatch/mean_abs"] < 0.05
+    assert changed["bf16-mixed"] > 0.9 and changed["bfloat16"] < 0.5

@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from opd_agents.rollout.engine import Completion, CompletionRequest, Finish, register_engine
-from opd_agents.rollout.kv import MIN_SHARED_PREFIX, KVBatch, KVSession, common_prefix_len
+from opd_agents.rollout.kv import MIN_SHARED_PREFIX, KVBatch, KVSession, autocast, common_prefix_len
 from opd_agents.rollout.renderer import Renderer
 
 _STOP_TAIL_TOKENS = 8  # how many trailing tokens are decoded to look for a stop string
@@ -68,8 +68,11 @@ def _ids_and_need(req: CompletionRequest | ScoreRequest) -> tuple[list[int], int
 class HFEngine:
     """A transformers causal LM behind the engine protocol (``SamplingEngine``) plus ``score``."""
 
-    def __init__(self, model: PreTrainedModel, renderer: Renderer, max_rows: int = 64) -> None:
+    def __init__(self, model: PreTrainedModel, renderer: Renderer, max_rows: int = 64,
+                 compute_dtype: torch.dtype | None = None) -> None:
+        """``compute_dtype``: run forwards under autocast in this dtype (the trainer's mixed precision)."""
         self.model = model.eval()
+        self.compute_dtype = compute_dtype
         self.renderer = renderer
         tok = renderer.tokenizer
         self.pad_token_id = int(tok.pad_token_id if tok.pad_token_id is not None else renderer.eot_id)
@@ -88,6 +91,7 @@ class HFEngine:
     async def complete(self, request: CompletionRequest) -> Completion:
         generator = None
         if request.temperature > 0 and request.seed is not None:
+            # On the CPU whatever the model's device: one uniform per token, so a seed samples alike on both.
             generator = torch.Generator().manual_seed(request.seed)
         result = await asyncio.wrap_future(self._submit(_Work(request, Future(), generator)))
         assert isinstance(result, Completion)
@@ -130,7 +134,11 @@ class HFEngine:
 
     # ---- worker -----------------------------------------------------------------------------------
     def _serve(self) -> None:
-        torch.set_grad_enabled(False)  # grad mode is per thread
+        torch.set_grad_enabled(False)  # grad mode and autocast are per thread
+        with autocast(next(self.model.parameters()).device, self.compute_dtype):
+            self._serve_loop()
+
+    def _serve_loop(self) -> None:
         running = KVBatch(self.model, self.pad_token_id)
         works: list[_Work] = []
         while True:
@@ -220,12 +228,14 @@ class HFEngine:
         self.tokens_fed += sum(len(s) for s in suffixes)
         logits = batch.extend(suffixes, keep_last=keep_last)  # [n, keep_last, V]
         still: list[int] = []
+        sampling = [row for row, w in enumerate(new) if isinstance(w.request, CompletionRequest)]
+        sampled = iter(zip(*self._sample([new[r] for r in sampling], logits[sampling, -1]), strict=True))
         for row, work in enumerate(new):
             req = work.request
             if isinstance(req, ScoreRequest):
                 work.future.set_result(self._scores(logits[row, -req.n_scored - 1 : -1], req))
                 self._keep_session(work, batch, row)
-            elif self._advance(work, logits[row, -1]):
+            elif self._advance(work, *next(sampled)):
                 self._keep_session(work, batch, row)
             else:
                 still.append(row)
@@ -237,28 +247,49 @@ class HFEngine:
         self.tokens_fed += len(works)
         logits = running.extend([[w.sampled[-1]] for w in works])[:, -1]
         still = []
-        for row, work in enumerate(works):
-            if self._advance(work, logits[row]):
+        for row, (work, token, logprob) in enumerate(zip(works, *self._sample(works, logits), strict=True)):
+            if self._advance(work, token, logprob):
                 self._keep_session(work, running, row)
             else:
                 still.append(row)
         running.keep(still)
         return running, [works[r] for r in still]
 
-    def _advance(self, work: _Work, logits: torch.Tensor) -> bool:
-        """Sample the request's next token from ``logits`` [V]; True (and the future resolved) if it stopped."""
+    @staticmethod
+    def _sample(works: list[_Work], logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Each row's next token from ``logits`` [n, V], all rows at once (one transfer from the device).
+
+        Inverse-CDF sampling: a row draws one uniform from its request's own generator and takes the token
+        where its cumulative distribution passes it, so what a request samples does not depend on the batch.
+        """
+        if not works:
+            return [], []
+        reqs = [w.request for w in works]
+        assert all(isinstance(r, CompletionRequest) for r in reqs)
+        temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in reqs],  # type: ignore[union-attr]
+                             device=logits.device)
+        scaled = torch.log_softmax(logits.float() / temps[:, None], dim=-1)
+        tokens = scaled.argmax(dim=-1)
+        rows = [i for i, r in enumerate(reqs) if r.temperature > 0]  # type: ignore[union-attr]
+        if rows:
+            probs = scaled[rows].exp()
+            top_p = [(j, reqs[i].top_p) for j, i in enumerate(rows) if reqs[i].top_p < 1.0]  # type: ignore[union-attr]
+            if top_p:
+                cut = [j for j, _ in top_p]
+                probs[cut] = _top_p_filter(probs[cut], torch.tensor([p for _, p in top_p], device=probs.device))
+            cdf = probs.cumsum(dim=-1)
+            u = torch.cat([torch.rand(1, generator=works[i].generator) for i in rows]).to(cdf.device)
+            picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+            tokens[rows] = picked.clamp(max=cdf.shape[1] - 1)
+        logprobs = scaled.gather(1, tokens[:, None]).squeeze(1)
+        return tokens.tolist(), logprobs.tolist()
+
+    def _advance(self, work: _Work, token: int, logprob: float) -> bool:
+        """Record the request's next token; True (and the future resolved) if it stopped."""
         req = work.request
         assert isinstance(req, CompletionRequest)
-        scaled = torch.log_softmax(logits / req.temperature if req.temperature > 0 else logits, dim=-1)
-        if req.temperature == 0:
-            token = int(scaled.argmax())
-        else:
-            probs = scaled.exp()
-            if req.top_p < 1.0:
-                probs = _top_p_filter(probs, req.top_p)
-            token = int(torch.multinomial(probs, 1, generator=work.generator))
         work.sampled.append(token)
-        work.logprobs.append(float(scaled[token]))
+        work.logprobs.append(logprob)
         finish: Finish | None = None
         if token in self.stop_ids:
             finish = "stop"
@@ -286,13 +317,15 @@ class HFEngine:
                       logits.topk(req.keep_topk, dim=-1).indices.tolist() if req.keep_topk else None)
 
 
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def _top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero what lies outside each row's nucleus (``top_p`` [n]); rows are not renormalised."""
     sorted_p, order = probs.sort(dim=-1, descending=True)
-    drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p
+    drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p[:, None]
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter(-1, order, sorted_p)
 
 
 @register_engine("hf")
-def _hf_engine(model: PreTrainedModel, renderer: Renderer, max_rows: int = 64) -> HFEngine:
-    return HFEngine(model, renderer, max_rows)
+def _hf_engine(model: PreTrainedModel, renderer: Renderer, max_rows: int = 64,
+               compute_dtype: torch.dtype | None = None) -> HFEngine:
+    return HFEngine(model, renderer, max_rows, compute_dtype)

@@ -18,6 +18,11 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 
+def autocast(device: torch.device, compute_dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``compute_dtype`` on ``device`` (a no-op context for None)."""
+    return torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None)
+
+
 @dataclass
 class KVSession:
     """One sequence's cache without padding: ``keys[l]`` / ``values[l]`` are [1, H, len(tokens), D]."""

@@ -296,15 +296,20 @@ def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @register_engine("vllm_server")
 def _vllm_server_engine(renderer: Renderer, api_base: str | None = None, model: Any = None,
-                        **kwargs: Any) -> VLLMServerEngine:
+                        compute_dtype: torch.dtype | None = None, **kwargs: Any) -> VLLMServerEngine:
+    """``compute_dtype`` is the server's own (its ``--dtype``)."""
     if not api_base:
         raise ConfigError("rollout.engine=vllm_server needs rollout.api_base (e.g. http://127.0.0.1:8000)")
     return VLLMServerEngine(api_base, renderer, **kwargs)
 
 
 @register_engine("vllm")
-def _vllm_engine(model: Any, renderer: Renderer, **kwargs: Any) -> VLLMEngine:
-    """``model``: a loaded student (its weights are synced in at once) or a model dir."""
+def _vllm_engine(model: Any, renderer: Renderer, compute_dtype: torch.dtype | None = None,
+                 **kwargs: Any) -> VLLMEngine:
+    """``model``: a loaded student (its weights are synced in at once) or a model dir; ``compute_dtype``:
+    the dtype vLLM runs the model in (default fp32)."""
+    if compute_dtype is not None:
+        kwargs.setdefault("dtype", str(compute_dtype).removeprefix("torch."))
     if hasattr(model, "peft_config"):
         raise ConfigError("rollout.engine=vllm cannot load a LoRA student's weights yet: use rollout.engine=hf "
                           "with student.lora")

@@ -63,10 +63,10 @@ def sft_train(model: PreTrainedModel, trajs: Sequence[Trajectory], pad_token_id:
 def build_sft_teacher(base_model: str, env_factory: Callable[[], ToolEnv], env_id: str, parser: ToolCallParser,
                       out_dir: Path, episodes: int, steps: int, batch_size: int, lr: float, seed: int,
                       log: Callable[[str], None] | None = None, env_kwargs: dict[str, Any] | None = None,
-                      chat_template: ChatTemplateChoice = "chatml") -> Path:
+                      chat_template: ChatTemplateChoice = "chatml", device: str | torch.device = "cpu") -> Path:
     """Fine-tune ``base_model`` on scripted-expert trajectories of the env's *training* seeds and save it.
     ``chat_template``: how the episodes are rendered (the run's ``student.chat_template``: the teacher learns
-    the text it will score).
+    the text it will score). ``device``: where it trains (fp32 everywhere, so the saved teacher is the same).
 
     Reused when ``out_dir`` already holds a finished teacher built with the same settings (``env_kwargs``,
     e.g. the difficulty, are part of them: a teacher built for another task variant is rebuilt).
@@ -80,7 +80,7 @@ def build_sft_teacher(base_model: str, env_factory: Callable[[], ToolEnv], env_i
         return out_dir
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    model, tok = load_model(base_model)
+    model, tok = load_model(base_model, device=device)
     rng = random.Random(seed)
     seeds = rng.sample(range(0, 900_000), episodes)
     renderer = make_renderer(tok, parser, chat_template)

@@ -23,13 +23,17 @@ from opd_agents.teacher import PrivilegedFn, Teacher, make_teacher
 from opd_agents.types import Trajectory
 
 
-def pick_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """auto: CUDA when present; fp32 on CPU, bf16 on GPU."""
+def pick_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype, torch.dtype | None]:
+    """The device, the trained weights' dtype and the dtype forwards compute in under autocast (None: the
+    weights' own). auto: CUDA when present; on a GPU fp32 weights with bf16 compute (mixed precision:
+    AdamW's small updates would round away in bf16 weights), on the CPU plain fp32."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, getattr(torch, dtype)
+        dtype = "bf16-mixed" if dev.type == "cuda" else "float32"
+    if dtype == "bf16-mixed":
+        return dev, torch.float32, torch.bfloat16
+    return dev, getattr(torch, dtype), None
 
 
 def load_student(cfg: RunConfig, device: torch.device, dtype: torch.dtype,
@@ -88,7 +92,7 @@ def build_teacher(cfg: RunConfig, env_factory: Callable[[], ToolEnv], student_to
         path = build_sft_teacher(cfg.teacher.model, env_factory, cfg.env.id, renderer.parser,
                                  Path(cfg.run_dir) / "sft_teacher", sft.episodes, sft.steps, sft.batch_size,
                                  sft.lr, cfg.seed, log=console.print, env_kwargs=cfg.env.kwargs,
-                                 chat_template=cfg.student.chat_template)
+                                 chat_template=cfg.student.chat_template, device=device)
         if dist.is_main:
             dist.barrier()
         tcfg = tcfg.model_copy(update={"model": str(path)})

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from opd_agents.rollout.kv import MIN_SHARED_PREFIX, common_prefix_len, forward_shared_prefix
+from opd_agents.rollout.kv import MIN_SHARED_PREFIX, autocast, common_prefix_len, forward_shared_prefix
 from opd_agents.training.view import TrainingView, collate
 
 
@@ -49,9 +49,12 @@ class StudentLogits(torch.nn.Module):
     """The student's forward for training: decoder, then the LM head at the given positions only, in one
     ``forward`` so a DDP / FSDP wrapper around this module sees (syncs, gathers) every parameter it uses."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, compute_dtype: torch.dtype | None = None) -> None:
+        """``compute_dtype``: run the forward under autocast in this dtype (mixed precision: the weights, and
+        so the optimizer's updates, stay in their own dtype)."""
         super().__init__()
         self.model = model
+        self.compute_dtype = compute_dtype
         # Computing a shared prefix once runs each layer twice per forward; FSDP2 frees a layer's gathered
         # weights after each use, which the first use's backward still needs: sharded students feed whole rows.
         self.share_prefix = True
@@ -60,19 +63,20 @@ class StudentLogits(torch.nn.Module):
                 width: int, prefix: int = 0) -> Tensor:
         """Logits [B, width, V]: at [rows[i], slots[i]] the logits after position cols[i] of row rows[i] (the
         rest 0); ``prefix``: the rows' common prefix, computed once."""
-        decoder = self.model.get_decoder()
-        if prefix:
-            out = forward_shared_prefix(decoder, input_ids, attention_mask, prefix)
-        else:
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state  # type: ignore[attr-defined]  # columns prefix..W-1
-        head = self.model.get_output_embeddings()
-        logits = head(hidden[rows, cols - prefix])  # [M, V]
-        full = logits.new_zeros(len(input_ids), width, logits.shape[-1])
-        full[rows, slots] = logits
-        if not len(rows):  # keep the head in the graph: a wrapper expects a gradient for every parameter
-            full = full + 0.0 * head(hidden[:1, 0]).sum()
-        return full
+        with autocast(input_ids.device, self.compute_dtype):
+            decoder = self.model.get_decoder()
+            if prefix:
+                out = forward_shared_prefix(decoder, input_ids, attention_mask, prefix)
+            else:
+                out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = out.last_hidden_state  # type: ignore[attr-defined]  # columns prefix..W-1
+            head = self.model.get_output_embeddings()
+            logits = head(hidden[rows, cols - prefix])  # [M, V]
+            full = logits.new_zeros(len(input_ids), width, logits.shape[-1])
+            full[rows, slots] = logits
+            if not len(rows):  # keep the head in the graph: a wrapper expects a gradient for every parameter
+                full = full + 0.0 * head(hidden[:1, 0]).sum()
+        return full.float()  # the losses' softmaxes in fp32 whatever the compute dtype
 
 
 def assistant_batch(model: PreTrainedModel | torch.nn.Module, views: Sequence[TrainingView],

@@ -80,7 +80,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
-        self.device, self.dtype = pick_device(cfg.device, cfg.train.dtype)
+        self.device, self.dtype, compute_dtype = pick_device(cfg.device, cfg.train.dtype)
         if self.dist.device.type == "cuda":
             self.device = self.dist.device
         torch.manual_seed(cfg.seed)
@@ -97,7 +97,7 @@ class Trainer:
         # sampling and evaluation run a whole model: the student itself, or under FSDP a full copy that
         # takes the gathered weights after every step.
         self.sampler = copy.deepcopy(self.student) if cfg.train.parallel == "fsdp" and self.dist.enabled else self.student
-        self.trained = wrap(StudentLogits(self.student), cfg.train.parallel, self.dist)
+        self.trained = wrap(StudentLogits(self.student, compute_dtype), cfg.train.parallel, self.dist)
         self.renderer = make_renderer(self.tokenizer, self.parser, cfg.student.chat_template)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                           else self.renderer.eot_id)
@@ -105,7 +105,8 @@ class Trainer:
                                        max_tokens_per_turn=cfg.max_tokens_per_turn, seed=cfg.seed)
         server = {"api_base": cfg.rollout.api_base, "weight_sync": cfg.rollout.weight_sync,
                   "weights_host": cfg.rollout.weights_host} if cfg.rollout.api_base else {}
-        self.rollout = Rollout(make_engine(cfg.rollout.engine, model=self.sampler, renderer=self.renderer, **server),
+        self.rollout = Rollout(make_engine(cfg.rollout.engine, model=self.sampler, renderer=self.renderer,
+                                           compute_dtype=compute_dtype, **server),
                                self.env_factory, self.sampling, model_id=cfg.student.model, env_id=cfg.env.id,
                                max_episodes=cfg.rollout.max_episodes)
         self.privileged = privileged_reference(self.env_factory) if cfg.teacher.privileged else None
