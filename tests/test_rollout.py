@@ -152,11 +152,11 @@ def test_engine_feeds_every_token_once(tiny_model_dir: Any) -> None:
 
 
 class SlowEchoEnv(EchoEnv):
-    """Seed 0's tool takes 0.6 s per call; the others answer at once."""
+    """Seed 0's tool takes 1.2 s per call; the others answer at once."""
 
     def step(self, action: Any) -> Any:
         if self.task.seed == 0:
-            time.sleep(0.6)
+            time.sleep(1.2)
         result = super().step(action)
         STEP_LOG.append((self.task.seed, time.perf_counter()))
         return result

@@ -1,4 +1,4 @@
-"""The transformers engine: continuous batching over per-episode KV caches, in one worker thread.
+"""The transformers engine: continuous batching over per-episode KV caches, on the caller's event loop.
 
 Requests arrive from many episodes at any time. Each loop of the worker (1) admits the waiting requests:
 their cached sessions (the episode's KV from earlier turns) are merged into one batch, only the new ids
@@ -10,14 +10,18 @@ not depend on what else shares the batch (up to floating-point differences betwe
 
 The same worker also scores: a ``ScoreRequest`` prefills an episode's new ids and returns log pi of its
 last ``n_scored`` tokens (the online teacher scores each turn this way, reusing the teacher's cache).
+
+The model runs on the thread of the event loop that awaits the requests (a task on that loop, one decode
+step between yields), not in a thread of its own: torch's OpenMP runtime shortens its threads' spin-waits
+for every team once more than one thread owns a team, and on a small CPU that made each forward 30-60%
+slower — the engine's and the trainer's alike (measured: bench/engine_threads.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
-from concurrent.futures import Future
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -49,13 +53,10 @@ class Scores:
 @dataclass
 class _Work:
     request: CompletionRequest | ScoreRequest
-    future: Future[Completion | Scores]
+    future: asyncio.Future[Completion | Scores]
     generator: torch.Generator | None = None
     sampled: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-
-
-_CLOSE = object()
 
 
 def _ids_and_need(req: CompletionRequest | ScoreRequest) -> tuple[list[int], int]:
@@ -82,10 +83,11 @@ class HFEngine:
         self.tokens_shared = 0  # prompt ids not computed thanks to the shared prefix (net of computing it)
         self._prefix: KVSession | None = None
         self._prefix_version = -1
-        self._queue: queue.Queue[_Work | object] = queue.Queue()
+        self._pending: deque[_Work] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None  # the serving task, on the loop of the latest requests
         self._sessions: dict[str, KVSession] = {}
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
 
     # ---- protocol ---------------------------------------------------------------------------------
     async def complete(self, request: CompletionRequest) -> Completion:
@@ -93,14 +95,14 @@ class HFEngine:
         if request.temperature > 0 and request.seed is not None:
             # On the CPU whatever the model's device: one uniform per token, so a seed samples alike on both.
             generator = torch.Generator().manual_seed(request.seed)
-        result = await asyncio.wrap_future(self._submit(_Work(request, Future(), generator)))
+        result = await self._submit(request, generator)
         assert isinstance(result, Completion)
         return result
 
     async def score(self, request: ScoreRequest) -> Scores:
         if not 0 < request.n_scored < len(request.ids):
             raise ValueError(f"n_scored must be in 1..{len(request.ids) - 1}, got {request.n_scored}")
-        result = await asyncio.wrap_future(self._submit(_Work(request, Future())))
+        result = await self._submit(request)
         assert isinstance(result, Scores)
         return result
 
@@ -117,49 +119,56 @@ class HFEngine:
         self._prefix = None
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(_CLOSE)
-            self._thread.join()
-            self._thread = None
+        task, self._task = self._task, None
+        if task is not None and not task.done() and not task.get_loop().is_closed():
+            task.get_loop().call_soon_threadsafe(task.cancel)  # it fails what it still holds
         with self._lock:
             self._sessions.clear()
         self._prefix = None
 
-    def _submit(self, work: _Work) -> Future[Completion | Scores]:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="opd-hf-engine", daemon=True)
-            self._thread.start()
-        self._queue.put(work)
+    def _submit(self, request: CompletionRequest | ScoreRequest,
+                generator: torch.Generator | None = None) -> asyncio.Future[Completion | Scores]:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            # A new loop (each Rollout.run has its own): serve there. What the old task held is finished.
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._serve(), name="opd-hf-engine")
+        work = _Work(request, loop.create_future(), generator)
+        self._pending.append(work)
+        assert self._wakeup is not None
+        self._wakeup.set()
         return work.future
 
-    # ---- worker -----------------------------------------------------------------------------------
-    def _serve(self) -> None:
-        torch.set_grad_enabled(False)  # grad mode and autocast are per thread
-        with autocast(next(self.model.parameters()).device, self.compute_dtype):
-            self._serve_loop()
-
-    def _serve_loop(self) -> None:
+    # ---- serving ----------------------------------------------------------------------------------
+    async def _serve(self) -> None:
+        """Admit what is waiting, decode one token for every running row, yield so that episodes can send
+        their next requests; sleep while there is nothing to do."""
         running = KVBatch(self.model, self.pad_token_id)
         works: list[_Work] = []
-        while True:
-            new: list[_Work] = []
-            try:
-                while len(works) + len(new) < self.max_rows:
-                    item = self._queue.get(block=not (works or new))
-                    if item is _CLOSE:
-                        self._fail(works + new, RuntimeError("engine closed"))
-                        return
-                    new.append(item)  # type: ignore[arg-type]
-            except queue.Empty:
-                pass
-            try:
-                if new:
-                    running, works = self._admit(new, running, works)
-                if works:
-                    running, works = self._decode(running, works)
-            except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the engine
-                self._fail(works + new, e)
-                running, works = KVBatch(self.model, self.pad_token_id), []
+        device = next(self.model.parameters()).device
+        assert self._wakeup is not None
+        try:
+            while True:
+                if not works and not self._pending:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                new = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_rows - len(works)))]
+                # grad mode and autocast are per thread and would leak into other tasks across an await: set
+                # them around the synchronous work only.
+                with torch.no_grad(), autocast(device, self.compute_dtype):
+                    try:
+                        if new:
+                            running, works = self._admit(new, running, works)
+                        if works:
+                            running, works = self._decode(running, works)
+                    except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the engine
+                        self._fail(works + new, e)
+                        running, works = KVBatch(self.model, self.pad_token_id), []
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:  # closed, or its loop shut down
+            self._fail(works + list(self._pending), RuntimeError("engine closed"))
+            self._pending.clear()
+            raise
 
     @staticmethod
     def _fail(works: list[_Work], error: BaseException) -> None:
