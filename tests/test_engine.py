@@ -11,7 +11,7 @@ import torch
 from opd_agents.errors import ConfigError
 from opd_agents.models import load_model
 from opd_agents.rollout.engine import CompletionRequest, SamplingEngine, engine_names, make_engine
-from opd_agents.rollout.hf_engine import HFEngine, ScoreRequest
+from opd_agents.rollout.hf_engine import HFEngine, ScoreRequest, _sample
 from opd_agents.rollout.renderer import ChatMLRenderer
 from tests.test_rollout import EchoEverything
 
@@ -145,6 +145,7 @@ def _works(n: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) 
     from opd_agents.rollout.hf_engine import _Work
 
     req = CompletionRequest(prompt_ids=[1], max_tokens=1, temperature=temperature, top_p=top_p)
+    # _sample reads only the request and the generator, never the future
     return [_Work(req, Future(), torch.Generator().manual_seed(seed + i)) for i in range(n)]
 
 
@@ -153,21 +154,21 @@ def test_batched_sampling_follows_the_distribution_and_the_nucleus() -> None:
     logits = torch.randn(6) * 2
     probs = torch.softmax(logits, dim=-1)
     n = 20_000
-    tokens, logprobs = HFEngine._sample(_works(n), logits.expand(n, -1))
+    tokens, logprobs = _sample(_works(n), logits.expand(n, -1))
     freq = torch.bincount(torch.tensor(tokens), minlength=6).float() / n
     assert (freq - probs).abs().max() < 0.015  # 3 sigma of a 20k-draw frequency is < 0.011
     assert logprobs == pytest.approx(torch.log(probs[tokens]).tolist(), abs=1e-5)
     # top-p: only the smallest set of tokens whose mass reaches p; logprobs stay those before the cut
     nucleus = set(probs.argsort(descending=True)[: int((probs.sort(descending=True).values.cumsum(0) < 0.6).sum()) + 1].tolist())
-    tokens, _ = HFEngine._sample(_works(2000, top_p=0.6), logits.expand(2000, -1))
+    tokens, _ = _sample(_works(2000, top_p=0.6), logits.expand(2000, -1))
     assert set(tokens) == nucleus
-    greedy, greedy_lp = HFEngine._sample(_works(3, temperature=0.0), logits.expand(3, -1))
+    greedy, greedy_lp = _sample(_works(3, temperature=0.0), logits.expand(3, -1))
     assert greedy == [int(logits.argmax())] * 3 and greedy_lp[0] == pytest.approx(float(probs.max().log()), abs=1e-6)
 
 
 def test_a_seeded_request_samples_the_same_alone_or_in_a_batch() -> None:
     torch.manual_seed(1)
     logits = torch.randn(8, 50) * 3
-    together, _ = HFEngine._sample(_works(8, seed=10), logits)
-    alone = [HFEngine._sample(_works(1, seed=10 + i), logits[i : i + 1])[0][0] for i in range(8)]
+    together, _ = _sample(_works(8, seed=10), logits)
+    alone = [_sample(_works(1, seed=10 + i), logits[i : i + 1])[0][0] for i in range(8)]
     assert together == alone

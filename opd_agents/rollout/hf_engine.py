@@ -1,6 +1,6 @@
 """The transformers engine: continuous batching over per-episode KV caches, on the caller's event loop.
 
-Requests arrive from many episodes at any time. Each loop of the worker (1) admits the waiting requests:
+Requests arrive from many episodes at any time. Each loop of the serving task (1) admits the waiting requests:
 their cached sessions (the episode's KV from earlier turns) are merged into one batch, only the new ids
 (the observation after the last turn, or a fresh prompt) are prefilled, and the first token is sampled;
 (2) decodes one token for every running row. A row that stops leaves the batch at once (no pad decoding)
@@ -8,7 +8,7 @@ and its cache is kept, dense, as the episode's session until the next request fo
 costs no compute while its tool runs. Sampling uses one RNG per request, so what a request samples does
 not depend on what else shares the batch (up to floating-point differences between batch shapes).
 
-The same worker also scores: a ``ScoreRequest`` prefills an episode's new ids and returns log pi of its
+The same task also scores: a ``ScoreRequest`` prefills an episode's new ids and returns log pi of its
 last ``n_scored`` tokens (the online teacher scores each turn this way, reusing the teacher's cache).
 
 The model runs on the thread of the event loop that awaits the requests (a task on that loop, one decode
@@ -23,6 +23,7 @@ import asyncio
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from transformers import PreTrainedModel
@@ -238,13 +239,13 @@ class HFEngine:
         logits = batch.extend(suffixes, keep_last=keep_last)  # [n, keep_last, V]
         still: list[int] = []
         sampling = [row for row, w in enumerate(new) if isinstance(w.request, CompletionRequest)]
-        sampled = iter(zip(*self._sample([new[r] for r in sampling], logits[sampling, -1]), strict=True))
+        sampled = dict(zip(sampling, zip(*_sample([new[r] for r in sampling], logits[sampling, -1]))))
         for row, work in enumerate(new):
             req = work.request
             if isinstance(req, ScoreRequest):
                 work.future.set_result(self._scores(logits[row, -req.n_scored - 1 : -1], req))
                 self._keep_session(work, batch, row)
-            elif self._advance(work, *next(sampled)):
+            elif self._advance(work, *sampled[row]):
                 self._keep_session(work, batch, row)
             else:
                 still.append(row)
@@ -256,42 +257,13 @@ class HFEngine:
         self.tokens_fed += len(works)
         logits = running.extend([[w.sampled[-1]] for w in works])[:, -1]
         still = []
-        for row, (work, token, logprob) in enumerate(zip(works, *self._sample(works, logits), strict=True)):
+        for row, (work, token, logprob) in enumerate(zip(works, *_sample(works, logits), strict=True)):
             if self._advance(work, token, logprob):
                 self._keep_session(work, running, row)
             else:
                 still.append(row)
         running.keep(still)
         return running, [works[r] for r in still]
-
-    @staticmethod
-    def _sample(works: list[_Work], logits: torch.Tensor) -> tuple[list[int], list[float]]:
-        """Each row's next token from ``logits`` [n, V], all rows at once (one transfer from the device).
-
-        Inverse-CDF sampling: a row draws one uniform from its request's own generator and takes the token
-        where its cumulative distribution passes it, so what a request samples does not depend on the batch.
-        """
-        if not works:
-            return [], []
-        reqs = [w.request for w in works]
-        assert all(isinstance(r, CompletionRequest) for r in reqs)
-        temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in reqs],  # type: ignore[union-attr]
-                             device=logits.device)
-        scaled = torch.log_softmax(logits.float() / temps[:, None], dim=-1)
-        tokens = scaled.argmax(dim=-1)
-        rows = [i for i, r in enumerate(reqs) if r.temperature > 0]  # type: ignore[union-attr]
-        if rows:
-            probs = scaled[rows].exp()
-            top_p = [(j, reqs[i].top_p) for j, i in enumerate(rows) if reqs[i].top_p < 1.0]  # type: ignore[union-attr]
-            if top_p:
-                cut = [j for j, _ in top_p]
-                probs[cut] = _top_p_filter(probs[cut], torch.tensor([p for _, p in top_p], device=probs.device))
-            cdf = probs.cumsum(dim=-1)
-            u = torch.cat([torch.rand(1, generator=works[i].generator) for i in rows]).to(cdf.device)
-            picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-            tokens[rows] = picked.clamp(max=cdf.shape[1] - 1)
-        logprobs = scaled.gather(1, tokens[:, None]).squeeze(1)
-        return tokens.tolist(), logprobs.tolist()
 
     def _advance(self, work: _Work, token: int, logprob: float) -> bool:
         """Record the request's next token; True (and the future resolved) if it stopped."""
@@ -324,6 +296,33 @@ class HFEngine:
         return Scores(logp.gather(1, targets[:, None]).squeeze(1).tolist(),
                       logits.clone() if req.keep_logits else None,
                       logits.topk(req.keep_topk, dim=-1).indices.tolist() if req.keep_topk else None)
+
+
+def _sample(works: list[_Work], logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    """Each completion's next token from ``logits`` [n, V], all rows at once (one transfer from the device).
+
+    Inverse-CDF sampling: a row draws one uniform from its request's own generator and takes the token where
+    its cumulative distribution passes it, so what a request samples does not depend on the batch.
+    """
+    if not works:
+        return [], []
+    reqs = [cast(CompletionRequest, w.request) for w in works]
+    temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in reqs], device=logits.device)
+    scaled = torch.log_softmax(logits.float() / temps[:, None], dim=-1)
+    tokens = scaled.argmax(dim=-1)  # kept for the greedy rows
+    rows = [i for i, r in enumerate(reqs) if r.temperature > 0]
+    if rows:
+        probs = scaled[rows].exp()
+        nucleus = [(j, reqs[i].top_p) for j, i in enumerate(rows) if reqs[i].top_p < 1.0]
+        if nucleus:
+            cut = [j for j, _ in nucleus]
+            probs[cut] = _top_p_filter(probs[cut], torch.tensor([p for _, p in nucleus], device=probs.device))
+        cdf = probs.cumsum(dim=-1)
+        u = torch.cat([torch.rand(1, generator=works[i].generator) for i in rows]).to(cdf.device)
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+        tokens[rows] = picked.clamp(max=cdf.shape[1] - 1)
+    logprobs = scaled.gather(1, tokens[:, None]).squeeze(1)
+    return tokens.tolist(), logprobs.tolist()
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
