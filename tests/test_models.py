@@ -214,3 +214,32 @@ def test_smollm2_builtin_generates(smollm2_dir: Path) -> None:
         out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
     text = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert any(ch.isdigit() for ch in text), text  # it answers with a number (381, wrong, per environment.md)
+
+
+def test_native_gqa_attention_equals_transformers_sdpa(tiny_model_dir: Path) -> None:
+    """The CPU attention without repeat_kv (load_model's default for grouped-query models) gives the same
+    logits as transformers' sdpa over a left-padded batch, in a cached decode step, and the same gradients."""
+    from transformers import DynamicCache
+
+    from opd_agents.models import GQA_SDPA
+
+    model, _ = load_model(tiny_model_dir)
+    assert model.config._attn_implementation == GQA_SDPA  # 4 query heads over 2 key/value heads
+    ids = torch.randint(10, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # a left-padded row
+    step = torch.tensor([[11], [12], [13]])
+
+    def run(impl: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=(cache := DynamicCache()), use_cache=True)
+        decoded = model(input_ids=step, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1),
+                        past_key_values=cache, use_cache=True).logits
+        (out.logits[mask.bool()].logsumexp(-1).sum() + decoded.logsumexp(-1).sum()).backward()
+        return out.logits.detach(), decoded.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain, native = run("sdpa"), run(GQA_SDPA)
+    assert torch.allclose(plain[0][mask.bool()], native[0][mask.bool()], atol=1e-5)
+    assert torch.allclose(plain[1], native[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain[2], native[2], strict=True))
