@@ -1,11 +1,13 @@
-"""CPU attention: transformers' ``sdpa`` (keys/values copied up to every query head by ``repeat_kv``) vs the
-package's ``GQA_SDPA`` (torch reads the grouped heads itself), on the real SmolLM2-135M-Instruct.
+"""CPU decode: transformers' ``sdpa`` (keys/values copied up to every query head by ``repeat_kv``) vs the
+package's ``GQA_SDPA`` (torch reads the grouped heads itself), and transformers' ``DynamicCache`` (a
+``torch.cat`` of the whole cache per step) vs the engine's ``GrowingCache`` (in place), on the real
+SmolLM2-135M-Instruct.
 
     .venv/bin/python bench/attention.py --repeats 3
 
-Per implementation, interleaved: one decode step of 8 rows over a 450-token cache (ms, 20 steps averaged),
-and one forward + backward of 4 rows x 450 tokens (ms); medians over repeats, and the largest logit
-difference between the two (they run the same arithmetic).
+Per variant, interleaved: one decode step of 8 rows over a 450-token cache (ms, 64 steps averaged, as in
+one turn), and one forward + backward of 4 rows x 450 tokens (ms; no cache, so per attention only); medians
+over repeats, and the largest logit difference to the first variant (they run the same arithmetic).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ import torch
 from transformers import DynamicCache
 
 from opd_agents.models import GQA_SDPA, load_model
+from opd_agents.rollout.kv import GrowingCache
+
+VARIANTS = {"sdpa + DynamicCache": ("sdpa", DynamicCache), f"{GQA_SDPA} + DynamicCache": (GQA_SDPA, DynamicCache),
+            f"{GQA_SDPA} + GrowingCache": (GQA_SDPA, GrowingCache)}
 
 
 def main() -> None:
@@ -31,9 +37,9 @@ def main() -> None:
     mask = torch.ones_like(ids)
     mask[0, :50] = 0  # one left-padded row, as in the engine's batches
 
-    def decode(steps: int = 20) -> tuple[float, torch.Tensor]:
+    def decode(cache_cls: type[DynamicCache], steps: int = 64) -> tuple[float, torch.Tensor]:
         with torch.no_grad():
-            cache, m = DynamicCache(), mask
+            cache, m = cache_cls(), mask
             out = model(input_ids=ids, attention_mask=m, past_key_values=cache, use_cache=True, logits_to_keep=1)
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -49,18 +55,20 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         return (time.perf_counter() - t0) * 1000
 
-    times: dict[str, tuple[list[float], list[float]]] = {"sdpa": ([], []), GQA_SDPA: ([], [])}
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in VARIANTS}
     last: dict[str, torch.Tensor] = {}
     for _ in range(args.repeats):
-        for impl, (dec, tr) in times.items():
+        for name, (dec, tr) in times.items():
+            impl, cache_cls = VARIANTS[name]
             model.set_attn_implementation(impl)
-            ms, last[impl] = decode()
+            ms, last[name] = decode(cache_cls)
             dec.append(ms)
             tr.append(train())
-    for impl, (dec, tr) in times.items():
-        print(f"{impl}: decode {statistics.median(dec):.1f} ms/step {[round(x, 1) for x in dec]}, "
-              f"forward+backward {statistics.median(tr):.0f} ms {[round(x) for x in tr]}")
-    print(f"max |logit difference| {(last['sdpa'] - last[GQA_SDPA]).abs().max().item():.2e}")
+    first = next(iter(VARIANTS))
+    for name, (dec, tr) in times.items():
+        print(f"{name}: decode {statistics.median(dec):.1f} ms/step {[round(x, 1) for x in dec]}, "
+              f"forward+backward {statistics.median(tr):.0f} ms {[round(x) for x in tr]}, "
+              f"max |logit difference| to {first} {(last[first] - last[name]).abs().max().item():.2e}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """KV caches of many token sequences: one batch that grows chunk by chunk, and dense per-sequence sessions.
 
-A ``KVBatch`` holds the rows the engine is working on in one ``DynamicCache``. Each call feeds one chunk
+A ``KVBatch`` holds the rows the engine is working on in one ``GrowingCache`` (a ``DynamicCache`` that
+appends in place). Each call feeds one chunk
 per row, left-padded to a rectangle; padding can sit anywhere in the cache, the 2-D attention mask hides
 it and explicit position ids keep RoPE positions contiguous per row, so a row's logits equal an unpadded
 forward pass over its own ids. Rows leave (``keep``), are cut out as dense ``KVSession``s (their padding
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 def autocast(device: torch.device, compute_dtype: torch.dtype | None) -> torch.autocast:
@@ -36,6 +38,70 @@ class KVSession:
         return KVSession(self.tokens[:n], [k[:, :, :n] for k in self.keys], [v[:, :, :n] for v in self.values])
 
 
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys/values live in buffers with spare columns. ``DynamicLayer`` appends by
+    ``torch.cat``, a copy of the layer's whole cache at every decode step (on a CPU, for 8 rows of 500 tokens,
+    ≈ 0.2 GB per step over all layers); here a step writes its columns in place and the buffer is copied only
+    when it is full. ``keys`` / ``values`` are views of the filled columns; assigning them (batch selection,
+    cropping) replaces the buffer."""
+
+    HEADROOM = 128  # spare columns allocated when a buffer grows
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
+        self._filled = {"keys": 0, "values": 0}  # set apart: batch selection assigns keys, then values
+        super().__init__()
+
+    def _view(self, name: str) -> torch.Tensor | None:
+        buffer = self._buffers[name]
+        return None if buffer is None else buffer[:, :, : self._filled[name]]
+
+    def _assign(self, name: str, tensor: torch.Tensor | None) -> None:
+        self._buffers[name] = tensor
+        self._filled[name] = 0 if tensor is None or tensor.dim() < 4 else tensor.shape[2]
+
+    keys = property(lambda self: self._view("keys"), lambda self, t: self._assign("keys", t))  # type: ignore[assignment]
+    values = property(lambda self: self._view("values"), lambda self, t: self._assign("values", t))  # type: ignore[assignment]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self._filled["keys"] if self.is_initialized else 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self._append("keys", key_states), self._append("values", value_states)
+
+    def _append(self, name: str, states: torch.Tensor) -> torch.Tensor:
+        buffer, start = self._buffers[name], self._filled[name]
+        end = start + states.shape[2]
+        if buffer is None or buffer.dim() < 4 or end > buffer.shape[2]:
+            shape = list(states.shape)
+            shape[2] = end + self.HEADROOM
+            grown = states.new_empty(shape)
+            if buffer is not None and start:
+                grown[:, :, :start] = buffer[:, :, :start]
+            buffer = self._buffers[name] = grown
+        buffer[:, :, start:end] = states
+        self._filled[name] = end
+        return buffer[:, :, :end]
+
+
+class GrowingCache(DynamicCache):
+    """A ``DynamicCache`` of ``GrowingLayer``s, optionally filled with per-layer (keys, values)."""
+
+    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+        for keys, values in layers:
+            layer = GrowingLayer()
+            layer.update(keys, values)
+            self.layers.append(layer)
+
+
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     missing = width - x.shape[dim]
     if missing <= 0:
@@ -46,13 +112,13 @@ def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class KVBatch:
-    """A batch of token sequences that grows chunk by chunk over one DynamicCache."""
+    """A batch of token sequences that grows chunk by chunk over one ``GrowingCache``."""
 
     def __init__(self, model: PreTrainedModel, pad_token_id: int) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.pad_token_id = pad_token_id
-        self.cache = DynamicCache()
+        self.cache: DynamicCache = GrowingCache()
         self.mask = torch.zeros((0, 0), dtype=torch.long)  # [B, cached_len] 1 = real token
         self.next_pos = torch.zeros(0, dtype=torch.long)  # [B] position id of each row's next token
         self.tokens: list[list[int]] = []  # per row: the ids fed so far
@@ -83,7 +149,7 @@ class KVBatch:
                     ks.append(_left_pad(k, width, 2))
                     vs.append(_left_pad(v, width, 2))
                 layers.append((torch.cat(ks), torch.cat(vs)))
-            batch.cache = DynamicCache(ddp_cache_data=layers)
+            batch.cache = GrowingCache(layers)
         return batch
 
     @torch.no_grad()
@@ -128,7 +194,7 @@ class KVBatch:
         if rows:
             self.cache.batch_select_indices(index.to(self.device))
         else:
-            self.cache = DynamicCache()
+            self.cache = GrowingCache()
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]
         self.tokens = [self.tokens[i] for i in rows]
         self._drop_dead_columns()
@@ -144,7 +210,7 @@ class KVBatch:
         layers = [(torch.cat([_left_pad(a.keys, width, 2), _left_pad(b.keys, width, 2)]),
                    torch.cat([_left_pad(a.values, width, 2), _left_pad(b.values, width, 2)]))
                   for a, b in zip(self.cache.layers, other.cache.layers, strict=True)]
-        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.cache = GrowingCache(layers)
         self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.tokens = self.tokens + other.tokens
