@@ -36,6 +36,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -204,7 +205,10 @@ def _sdpa_native_gqa(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     the grouped keys/values up to every query head (on CUDA the fused kernels need that), which on the CPU
     copies the whole KV cache at every decode step. torch's CPU kernel reads grouped heads itself
     (``enable_gqa``), with the same results; SmolLM2 decode at 8 rows x 450 tokens 27-34 % faster
-    (bench/attention.py)."""
+    (bench/attention.py). Off the CPU (a model loaded there, then moved) it is transformers' ``sdpa``."""
+    if query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,

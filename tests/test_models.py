@@ -243,3 +243,15 @@ def test_native_gqa_attention_equals_transformers_sdpa(tiny_model_dir: Path) -> 
     assert torch.allclose(plain[0][mask.bool()], native[0][mask.bool()], atol=1e-5)
     assert torch.allclose(plain[1], native[1], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain[2], native[2], strict=True))
+
+
+def test_native_gqa_attention_is_transformers_sdpa_off_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model loaded on the CPU keeps ``GQA_SDPA`` when moved to a GPU: there the call goes to transformers'
+    ``sdpa`` (the fused GPU kernels want repeat_kv), with every argument."""
+    import opd_agents.models as models
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(models, "sdpa_attention_forward", lambda *args, **kwargs: calls.append(kwargs) or ("out", None))
+    q, kv = torch.empty(1, 4, 3, 8, device="meta"), torch.empty(1, 2, 3, 8, device="meta")
+    assert models._sdpa_native_gqa(torch.nn.Module(), q, kv, kv, None, scaling=0.5, is_causal=True) == ("out", None)
+    assert calls == [{"dropout": 0.0, "scaling": 0.5, "is_causal": True}]
