@@ -221,9 +221,10 @@ AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
 
 
 def use_native_gqa(model: PreTrainedModel) -> PreTrainedModel:
-    """On the CPU, a grouped-query-attention model that runs ``sdpa`` runs ``GQA_SDPA`` instead."""
+    """A grouped-query-attention model that runs ``sdpa`` runs ``GQA_SDPA`` instead (which is ``sdpa``
+    itself off the CPU, so the choice holds wherever the model is moved)."""
     grouped = getattr(model.config, "num_key_value_heads", None) not in (None, model.config.num_attention_heads)
-    if grouped and model.config._attn_implementation == "sdpa" and model.device.type == "cpu":
+    if grouped and model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(GQA_SDPA)
     return model
 

@@ -58,7 +58,7 @@ class GrowingLayer(DynamicLayer):
 
     def _assign(self, name: str, tensor: torch.Tensor | None) -> None:
         self._buffers[name] = tensor
-        self._filled[name] = 0 if tensor is None or tensor.dim() < 4 else tensor.shape[2]
+        self._filled[name] = 0 if tensor is None else tensor.shape[2]
 
     keys = property(lambda self: self._view("keys"), lambda self, t: self._assign("keys", t))  # type: ignore[assignment]
     values = property(lambda self: self._view("values"), lambda self, t: self._assign("values", t))  # type: ignore[assignment]
@@ -79,7 +79,7 @@ class GrowingLayer(DynamicLayer):
     def _append(self, name: str, states: torch.Tensor) -> torch.Tensor:
         buffer, start = self._buffers[name], self._filled[name]
         end = start + states.shape[2]
-        if buffer is None or buffer.dim() < 4 or end > buffer.shape[2]:
+        if buffer is None or end > buffer.shape[2]:
             shape = list(states.shape)
             shape[2] = end + self.HEADROOM
             grown = states.new_empty(shape)
@@ -92,13 +92,15 @@ class GrowingLayer(DynamicLayer):
 
 
 class GrowingCache(DynamicCache):
-    """A ``DynamicCache`` of ``GrowingLayer``s, optionally filled with per-layer (keys, values)."""
+    """A ``DynamicCache`` of ``GrowingLayer``s, optionally holding per-layer (keys, values): the tensors are
+    taken as they are (the callers built them fresh), spare columns come with the first append."""
 
     def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
         for keys, values in layers:
             layer = GrowingLayer()
-            layer.update(keys, values)
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
             self.layers.append(layer)
 
 
