@@ -139,8 +139,10 @@ def run_opd(workload: str, model: str, steps: int, warmup: int, threads: int, en
     from opd_agents.config import parse_config
     from opd_agents.training.trainer import Trainer
 
-    tree_peak = TreeMemory()  # the vllm engine runs in child processes: count the whole tree
-    with tree_peak, tempfile.TemporaryDirectory(prefix="vs_trl_opd_") as run_dir:
+    # The vllm engine runs in child processes: count the whole tree. The hf engine has none, and scanning the
+    # process table every 0.5 s would cost the measured side CPU time the TRL side does not pay.
+    tree_peak = TreeMemory()
+    with tree_peak if engine != "hf" else contextlib.nullcontext(), tempfile.TemporaryDirectory(prefix="vs_trl_opd_") as run_dir:
         trainer = Trainer(parse_config(opd_config(workload, model, warmup + steps, run_dir, engine)))
         t0 = time.perf_counter()
         trainer.train()

@@ -59,6 +59,10 @@ class RunTeacherConfig(TeacherConfig):
     model: str = "smollm2-135m-instruct"
     privileged: bool = Field(False, description="teacher sees the task's reference solution")
     sft_from_expert: SFTTeacherConfig | None = None
+    overlap: bool | Literal["auto"] = Field("auto", description=(
+        "score each episode as soon as it finishes, while the rest of the rollout still plays (off: one pass "
+        "after the rollout); auto: on unless the teacher is an in-process model on the CPU, whose scoring "
+        "thread would share the sampler's cores and slow every forward of both (a second OpenMP team)"))
 
     @model_validator(mode="after")
     def _server_needs_base(self) -> RunTeacherConfig:
@@ -67,7 +71,7 @@ class RunTeacherConfig(TeacherConfig):
         return self
 
     def backend_config(self) -> TeacherConfig:
-        return TeacherConfig.model_validate(self.model_dump(exclude={"privileged", "sft_from_expert"}))
+        return TeacherConfig.model_validate(self.model_dump(exclude={"privileged", "sft_from_expert", "overlap"}))
 
 
 class LossConfig(_Strict):

@@ -229,6 +229,34 @@ def use_native_gqa(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+class FewRowsLinear(torch.nn.Linear):
+    """``nn.Linear`` that, on the CPU without autograd, multiplies a few fp32 rows as ``W @ x^T``: MKL runs
+    ``x @ W^T`` (what ``F.linear`` calls) for 2-16 rows as slowly as one row per row, on one core, while
+    ``W @ x^T`` streams the weight once over all cores. SmolLM2 decode (4 rows, 2 threads): 86 -> 51 ms per
+    step (bench/linear_rows.py). Same values up to fp32 rounding; training forwards (autograd on, or more
+    rows) take ``F.linear`` unchanged. A vocabulary-sized head gains up to 16 rows, a layer up to 4."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        limit = 16 if self.out_features >= 8 * self.in_features else 4
+        if (2 <= rows <= limit and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+            out = torch.mm(self.weight, x.reshape(rows, self.in_features).t()).t().contiguous()
+            if self.bias is not None:
+                out += self.bias
+            return out.view(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+
+def use_few_rows_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """Every plain ``nn.Linear`` of ``model`` becomes a ``FewRowsLinear`` (same parameters, state dict and
+    off-CPU behaviour: only the few-row CPU product changes)."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = FewRowsLinear
+    return model
+
+
 def load_model(
     name_or_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -239,7 +267,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - corrupt weights / tokenizer files
         raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
-    return use_native_gqa(model.to(device)).eval(), tokenizer
+    return use_few_rows_linears(use_native_gqa(model.to(device))).eval(), tokenizer
 
 
 def build_tiny_model(

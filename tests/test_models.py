@@ -255,3 +255,31 @@ def test_native_gqa_attention_is_transformers_sdpa_off_the_cpu(monkeypatch: pyte
     q, kv = torch.empty(1, 4, 3, 8, device="meta"), torch.empty(1, 2, 3, 8, device="meta")
     assert models._sdpa_native_gqa(torch.nn.Module(), q, kv, kv, None, scaling=0.5, is_causal=True) == ("out", None)
     assert calls == [{"dropout": 0.0, "scaling": 0.5, "is_causal": True}]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17])
+@pytest.mark.parametrize(("in_features", "out_features", "bias"), [(24, 40, True), (16, 256, False)])
+def test_few_rows_linear_equals_f_linear(rows: int, in_features: int, out_features: int, bias: bool) -> None:
+    """Without autograd the few-row product (``W @ x^T``) gives F.linear's values, in F.linear's shape and
+    layout; with autograd on it is F.linear itself (bit for bit), gradients included."""
+    torch.manual_seed(rows)
+    plain = torch.nn.Linear(in_features, out_features, bias=bias)
+    few = models.use_few_rows_linears(torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=bias)))[0]
+    few.load_state_dict(plain.state_dict())
+    assert isinstance(few, models.FewRowsLinear) and few.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(rows, 1, in_features)
+    with torch.no_grad():
+        got, want = few(x), plain(x)
+    assert got.shape == want.shape == (rows, 1, out_features) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    got = few(x)
+    assert torch.equal(got, plain(x))
+    got.sum().backward()
+    assert few.weight.grad is not None and few.weight.grad.shape == few.weight.shape
+
+
+def test_loaded_models_use_few_rows_linears(tiny_model_dir: Path) -> None:
+    model, _ = load_model(tiny_model_dir)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is models.FewRowsLinear for m in linears)

@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from opd_agents import EnvLimits
+from opd_agents.config import parse_config
+from opd_agents.errors import ConfigError
 from opd_agents.models import load_model
 from opd_agents.teacher.hf import HFTeacher
+from opd_agents.training.components import scores_while_rolling_out
 from opd_agents.training.signal import ScoringStream, gather_teacher_signal
 from opd_agents.types import SamplingParams, Trajectory
 from tests.test_rollout import STEP_LOG, SlowEchoEnv, make_rollout
@@ -81,3 +84,22 @@ def test_stream_raises_the_teachers_error_at_result(tiny_model_dir: Path) -> Non
     rollout.run([1, 2], on_episode_end=stream.submit)  # the rollout itself finishes
     with pytest.raises(RuntimeError, match="went away"):
         stream.result()
+
+
+@pytest.mark.parametrize(("teacher", "device", "expected"), [
+    ({}, "cpu", False),  # auto, in-process on the CPU: no scoring thread beside the sampler
+    ({"overlap": True}, "cpu", True),
+    ({"backend": "server", "api_base": "http://127.0.0.1:9/v1"}, "cpu", True),  # another process scores
+    ({}, "cuda", True),  # the hf teacher follows the run onto the GPU
+    ({"device": "cuda:1"}, "cpu", True),
+    ({"backend": "server", "api_base": "http://127.0.0.1:9/v1", "overlap": False}, "cpu", False),
+])
+def test_overlap_auto_is_off_only_for_an_in_process_cpu_teacher(teacher: dict[str, Any], device: str,
+                                                                 expected: bool) -> None:
+    cfg = parse_config({"env": {"id": "opd_agents/Arithmetic-v0"}, "teacher": teacher})
+    assert scores_while_rolling_out(cfg, torch.device(device)) is expected
+
+
+def test_overlap_rejects_other_values() -> None:
+    with pytest.raises(ConfigError, match="overlap"):
+        parse_config({"env": {"id": "opd_agents/Arithmetic-v0"}, "teacher": {"overlap": "sometimes"}})

@@ -104,13 +104,18 @@ class GrowingCache(DynamicCache):
             self.layers.append(layer)
 
 
-def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - x.shape[dim]
-    if missing <= 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
+def _right_aligned(parts: Sequence[torch.Tensor], width: int, dim: int) -> torch.Tensor:
+    """``parts`` stacked along dim 0 into one new tensor, each right-aligned in ``width`` columns of ``dim``
+    (zeros on the left): one copy of each part, where padding each and then stacking would make two."""
+    shape = list(parts[0].shape)
+    shape[0], shape[dim] = sum(p.shape[0] for p in parts), width
+    out = parts[0].new_zeros(shape)
+    row = 0
+    for part in parts:
+        n = part.shape[dim]
+        out[row : row + part.shape[0]].narrow(dim, width - n, n).copy_(part)
+        row += part.shape[0]
+    return out
 
 
 class KVBatch:
@@ -144,13 +149,9 @@ class KVBatch:
         if template is not None:
             layers = []
             for layer in range(len(template.keys)):
-                ks, vs = [], []
-                for s in sessions:
-                    k = s.keys[layer] if s and s.tokens else template.keys[layer][:, :, :0]
-                    v = s.values[layer] if s and s.tokens else template.values[layer][:, :, :0]
-                    ks.append(_left_pad(k, width, 2))
-                    vs.append(_left_pad(v, width, 2))
-                layers.append((torch.cat(ks), torch.cat(vs)))
+                ks = [s.keys[layer] if s and s.tokens else template.keys[layer][:, :, :0] for s in sessions]
+                vs = [s.values[layer] if s and s.tokens else template.values[layer][:, :, :0] for s in sessions]
+                layers.append((_right_aligned(ks, width, 2), _right_aligned(vs, width, 2)))
             batch.cache = GrowingCache(layers)
         return batch
 
@@ -209,11 +210,10 @@ class KVBatch:
             self.cache, self.mask, self.next_pos, self.tokens = other.cache, other.mask, other.next_pos, other.tokens
             return
         width = max(self.mask.shape[1], other.mask.shape[1])
-        layers = [(torch.cat([_left_pad(a.keys, width, 2), _left_pad(b.keys, width, 2)]),
-                   torch.cat([_left_pad(a.values, width, 2), _left_pad(b.values, width, 2)]))
+        layers = [(_right_aligned([a.keys, b.keys], width, 2), _right_aligned([a.values, b.values], width, 2))
                   for a, b in zip(self.cache.layers, other.cache.layers, strict=True)]
         self.cache = GrowingCache(layers)
-        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        self.mask = _right_aligned([self.mask, other.mask], width, 1)
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.tokens = self.tokens + other.tokens
 

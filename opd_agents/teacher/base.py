@@ -261,8 +261,6 @@ class TeacherConfig(BaseModel):
     backend: Literal["hf", "server", "vllm"] = "hf"
     model: str = Field(..., description="hf/vllm: model dir or built-in name; server: the served model name")
     teacher_id: str | None = Field(None, description="recorded on scored turns; default: the model")
-    overlap: bool = Field(True, description="score each episode as soon as it finishes, while the rest of the "
-                                            "rollout still plays (off: one pass after the rollout)")
     # hf
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

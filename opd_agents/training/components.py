@@ -99,3 +99,13 @@ def build_teacher(cfg: RunConfig, env_factory: Callable[[], ToolEnv], student_to
     if tcfg.backend == "hf" and tcfg.device == "cpu" and device.type != "cpu":
         tcfg = tcfg.model_copy(update={"device": str(device)})
     return make_teacher(tcfg, student_tokenizer=student_tok, renderer=renderer, privileged=privileged)
+
+
+def scores_while_rolling_out(cfg: RunConfig, device: torch.device) -> bool:
+    """``teacher.overlap`` resolved. ``auto`` leaves it off for an in-process teacher on the CPU (``hf`` on the
+    CPU, where ``build_teacher`` keeps it when the run is on the CPU too): a scoring thread gains nothing on
+    cores the sampler already fills, and its OpenMP team slows every forward of the process
+    (bench/engine_threads.py; +8 % student tokens/s on the single-turn workload with it off)."""
+    if cfg.teacher.overlap != "auto":
+        return cfg.teacher.overlap
+    return not (cfg.teacher.backend == "hf" and cfg.teacher.device == "cpu" and device.type == "cpu")

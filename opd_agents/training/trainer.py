@@ -46,7 +46,8 @@ from opd_agents.rollout.renderer import make_renderer
 from opd_agents.training.rock_tokens import RockTokenMonitor
 from opd_agents.rollout.runner import Rollout
 from opd_agents.rollout.engine import make_engine
-from opd_agents.training.components import build_teacher, load_student, load_weights, pick_device, privileged_reference
+from opd_agents.training.components import (build_teacher, load_student, load_weights, pick_device,
+                                            privileged_reference, scores_while_rolling_out)
 from opd_agents.store import TrajectoryWriter
 from opd_agents.teacher import ServerTeacher
 from opd_agents.teacher.online import OnlineTeacher
@@ -112,6 +113,7 @@ class Trainer:
         self.privileged = privileged_reference(self.env_factory) if cfg.teacher.privileged else None
         self.teacher = build_teacher(cfg, self.env_factory, self.tokenizer, self.renderer, self.privileged,
                                      self.device, self.console, self.dist)
+        self.scoring_overlap = scores_while_rolling_out(cfg, self.device)
         self.policies = cfg.divergence.build()
         self._setup_rollout_policies()
         self.rock = (RockTokenMonitor(cfg.divergence, self.pad_id, cfg.train.micro_batch_size)
@@ -277,7 +279,7 @@ class Trainer:
         stream = None
         if on_policy:
             # Without an online teacher, finished episodes are scored while the others still play.
-            if cfg.teacher.overlap and need != "none" and self.rollout.online_teacher is None:
+            if self.scoring_overlap and need != "none" and self.rollout.online_teacher is None:
                 stream = ScoringStream(self.teacher, need, top_k)
             try:
                 trajs = self.rollout.run(seeds, first_position=mine.start * tc.group_size,
