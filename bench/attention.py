@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
 from opd_agents.models import GQA_SDPA, load_model
 from opd_agents.rollout.kv import GrowingCache
@@ -26,13 +26,18 @@ VARIANTS = {"sdpa + DynamicCache": ("sdpa", DynamicCache), f"{GQA_SDPA} + Dynami
             f"{GQA_SDPA} + GrowingCache": (GQA_SDPA, GrowingCache)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def smollm2_bench(doc: str) -> tuple[argparse.Namespace, PreTrainedModel]:
+    """The CPU decode benchmarks' command line (--repeats, --threads) and the real SmolLM2 they time."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, _ = load_model("smollm2-135m-instruct")
+    return args, load_model("smollm2-135m-instruct")[0]
+
+
+def main() -> None:
+    args, model = smollm2_bench(__doc__)
     ids = torch.randint(100, 40000, (8, 450), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, :50] = 0  # one left-padded row, as in the engine's batches

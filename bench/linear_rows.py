@@ -11,7 +11,6 @@ logit difference between the two.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +18,8 @@ from contextlib import contextmanager
 
 import torch
 
-from opd_agents.models import FewRowsLinear, load_model
+from attention import smollm2_bench  # bench/ is on the path of a bench script
+from opd_agents.models import FewRowsLinear
 from opd_agents.rollout.kv import GrowingCache
 
 
@@ -43,12 +43,7 @@ def plain_linears() -> Iterator[None]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, _ = load_model("smollm2-135m-instruct")
+    args, model = smollm2_bench(__doc__)
     shapes = sorted({(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)})
 
     print(f"## one product, us: F.linear / W @ x^T ({args.threads} threads)\n")

@@ -230,11 +230,11 @@ def use_native_gqa(model: PreTrainedModel) -> PreTrainedModel:
 
 
 class FewRowsLinear(torch.nn.Linear):
-    """``nn.Linear`` that, on the CPU without autograd, multiplies a few fp32 rows as ``W @ x^T``: MKL runs
-    ``x @ W^T`` (what ``F.linear`` calls) for 2-16 rows as slowly as one row per row, on one core, while
-    ``W @ x^T`` streams the weight once over all cores. SmolLM2 decode (4 rows, 2 threads): 86 -> 51 ms per
-    step (bench/linear_rows.py). Same values up to fp32 rounding; training forwards (autograd on, or more
-    rows) take ``F.linear`` unchanged. A vocabulary-sized head gains up to 16 rows, a layer up to 4."""
+    """``nn.Linear`` that, on the CPU without autograd, multiplies a few fp32 rows as ``W @ x^T``: MKL's
+    ``x @ W^T`` (what ``F.linear`` calls) takes about as long per row as for one row at 2-4 rows (a
+    vocabulary-sized head: up to 16), while ``W @ x^T`` reads the weight once for all of them. SmolLM2 decode
+    step, 4 rows, 2 threads: 87 -> 51 ms (bench/linear_rows.py). Same values up to fp32 rounding; training
+    forwards (autograd on) and larger batches take ``F.linear`` unchanged."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
