@@ -146,6 +146,9 @@ class TrainLoopConfig(_Strict):
     teacher_rollouts_per_task: int = Field(1, gt=0, description="best-of-N teacher trajectories; 1 = plain OPD")
     teacher_aux_weight: float = Field(0.05, ge=0.0)
     checkpoint_every: int = Field(20, gt=0)
+    keep_checkpoints: int | None = Field(None, ge=1, description=(
+        "keep only the newest N step checkpoints (older ones are deleted once a newer one is whole; "
+        "TRL's save_total_limit); None keeps all"))
     parallel: Literal["none", "ddp", "fsdp"] = Field("none", description=(
         "under torchrun: ddp = a full student per rank, gradients all-reduced; fsdp = the student sharded "
         "over the ranks (FSDP2). Each rank plays its slice of a step's tasks"))

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from opd_agents.training.checkpoint import ResumeError, latest_checkpoint, rewind_run_dir, save_checkpoint, sync_logs
 from opd_agents.config import parse_config
+from opd_agents.errors import ConfigError
 from opd_agents.training.trainer import RUN_LOGS, Trainer, step_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +33,12 @@ class _Model(torch.nn.Linear):
         torch.save(self.state_dict(), path / "weights.pt")
 
 
-def _checkpoint(run: Path, step: int) -> Path:
+def _checkpoint(run: Path, step: int, keep: int | None = None) -> Path:
     model = _Model(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return save_checkpoint(run / "checkpoints", step, model, opt, sched, {}, log_bytes=sync_logs(run, RUN_LOGS))
+    return save_checkpoint(run / "checkpoints", step, model, opt, sched, {}, log_bytes=sync_logs(run, RUN_LOGS),
+                           keep=keep)
 
 
 def _append(path: Path, text: str) -> None:
@@ -74,6 +76,17 @@ def test_resume_cuts_logs_back_to_the_checkpoint_and_removes_leftovers(tmp_path:
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000002"]
     assert not newer.exists()
     assert rewind_run_dir(run, ckpt) == dict.fromkeys(RUN_LOGS, 0)  # a second resume changes nothing
+
+
+def test_keep_checkpoints_deletes_all_but_the_newest(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (4, 8, 12, 16):
+        newest = _checkpoint(run, step, keep=2)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000012", "step_000016"]
+    assert latest_checkpoint(run / "checkpoints") == newest
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        parse_config({"train": {"keep_checkpoints": 0}})
 
 
 def test_a_log_shorter_than_its_checkpoint_recorded_refuses_to_resume(tmp_path: Path) -> None:

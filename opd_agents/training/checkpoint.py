@@ -57,11 +57,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(ckpt_root: Path, step: int, model: Any, optimizer: torch.optim.Optimizer,
                     scheduler: Any, extra: dict[str, Any], tokenizer: Any = None,
                     log_bytes: dict[str, int] | None = None, trained: torch.nn.Module | None = None,
-                    dist: Dist = Dist()) -> Path:
+                    dist: Dist = Dist(), keep: int | None = None) -> Path:
     """``model``: the whole model (saved as a model dir); ``trained``: the module the optimizer steps (maybe
     DDP / FSDP-wrapped; default ``model``), whose optimizer state every rank writes its shard of
     (torch.distributed.checkpoint: loadable on any number of ranks). ``log_bytes``: the run logs' sizes at
-    this step (``sync_logs``), which ``rewind_run_dir`` cuts back to. Called by every rank."""
+    this step (``sync_logs``), which ``rewind_run_dir`` cuts back to. ``keep``: then delete all but the newest
+    ``keep`` step dirs (None: keep all). Called by every rank."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -92,6 +93,9 @@ def save_checkpoint(ckpt_root: Path, step: int, model: Any, optimizer: torch.opt
     if dist.is_main:
         _remove_temp(ckpt_root, f".step_{step:06d}.old-*")
         _write_text_atomic(ckpt_root / LATEST, final.name)
+        if keep is not None:  # only after `latest` names the new one: a kill here leaves a resumable root
+            for old in sorted(ckpt_root.glob("step_*"), key=_step_of)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()  # no rank goes on (or resumes) before the checkpoint is whole
     return final
 

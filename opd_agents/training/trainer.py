@@ -226,7 +226,7 @@ class Trainer:
                     save_checkpoint(self.run_dir / "checkpoints", step, self.sampler, self.optimizer,
                                     self.scheduler, extra, tokenizer=self.tokenizer,
                                     log_bytes=sync_logs(self.run_dir, RUN_LOGS) if self.dist.is_main else None,
-                                    trained=self.trained, dist=self.dist)
+                                    trained=self.trained, dist=self.dist, keep=cfg.train.keep_checkpoints)
                 live = f"loss {row['loss']:.3f} train-success {row['rollout/success_rate']:.2f}"
                 if "eval/success_rate" in row:
                     live += f" heldout {row['eval/success_rate']:.2f}"
