@@ -36,6 +36,22 @@ def test_sft_teacher_is_reused_only_for_the_same_settings(tmp_path: Path, tiny_m
     assert not list(tmp_path.glob(".teacher.*"))  # no half-written temp dirs left behind
 
 
+def test_a_killed_writers_temp_dir_is_removed_a_live_ones_kept(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".teacher.pid-{int(dead.stdout)}.x1"  # what a save killed mid-write leaves
+    live = tmp_path / f".teacher.pid-{os.getppid()}.x2"  # a writer still running (this test's parent)
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 10)
+    build(tiny_model_dir, tmp_path / "teacher", 1)
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "teacher" / "model.safetensors").is_file()
+
+
 def test_micro_batches_accumulate_to_the_same_step(tiny_model_dir: Path) -> None:
     """One episode per forward/backward gives the whole batch's loss and update (memory bound, same math)."""
     import torch

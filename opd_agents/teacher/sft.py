@@ -98,11 +98,26 @@ def build_sft_teacher(base_model: str, env_factory: Callable[[], ToolEnv], env_i
 
 def _save_atomically(model: PreTrainedModel, tok: PreTrainedTokenizerBase, out_dir: Path,
                      meta: dict[str, object]) -> None:
+    """Written into ``.NAME.pid-PID.*`` beside ``out_dir``, then renamed; what a writer killed mid-save left
+    (a dead PID's temp dir: a whole model's size) is removed first."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    for stale in out_dir.parent.glob(f".{out_dir.name}.pid-*"):
+        if not _alive(int(stale.name.split(".pid-", 1)[1].split(".", 1)[0])):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.pid-{os.getpid()}."))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "opd_sft_teacher.json").write_text(json.dumps(meta, indent=1))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
