@@ -3,7 +3,7 @@ progress independently, and the engine feeds every token once."""
 
 from __future__ import annotations
 
-import time
+import threading
 from typing import Any
 
 import numpy as np
@@ -152,29 +152,38 @@ def test_engine_feeds_every_token_once(tiny_model_dir: Any) -> None:
 
 
 class SlowEchoEnv(EchoEnv):
-    """Seed 0's tool takes 1.2 s per call; the others answer at once."""
+    """Seed 0's first tool call returns only once the other episodes have played all 3 of their turns (a
+    turn barrier would never let them: then it gives up after 60 s and the test fails). No timing involved,
+    so a busy machine cannot make it flaky."""
+
+    others_done = threading.Event()
+    steps: dict[int, int] = {}
+    lock = threading.Lock()
 
     def step(self, action: Any) -> Any:
-        if self.task.seed == 0:
-            time.sleep(1.2)
+        if self.task.seed == 0 and not self.steps.get(0):
+            RELEASED_BY_OTHERS.append(self.others_done.wait(timeout=60))
         result = super().step(action)
-        STEP_LOG.append((self.task.seed, time.perf_counter()))
+        with self.lock:
+            self.steps[self.task.seed] = self.steps.get(self.task.seed, 0) + 1
+            if self.steps.get(1) == 3 and self.steps.get(2) == 3:
+                self.others_done.set()
         return result
 
 
-STEP_LOG: list[tuple[int, float]] = []
+RELEASED_BY_OTHERS: list[bool] = []
 
 
 def test_episodes_do_not_wait_for_each_other(tiny_model_dir: Any) -> None:
     """No turn barrier: while one episode's tool is slow, the others play all their turns."""
     rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 3}, SamplingParams(max_tokens_per_turn=8, seed=0))
     rollout.env_factory = lambda: SlowEchoEnv(limits=EnvLimits(max_turns=3))
-    STEP_LOG.clear()
+    SlowEchoEnv.others_done.clear()
+    SlowEchoEnv.steps.clear()
+    RELEASED_BY_OTHERS.clear()
     trajs = rollout.run([0, 1, 2])
     assert [len(t.turns) for t in trajs] == [3, 3, 3]
-    first_slow_step_done = min(t for seed, t in STEP_LOG if seed == 0)
-    fast_done = max(t for seed, t in STEP_LOG if seed != 0)
-    assert fast_done < first_slow_step_done
+    assert RELEASED_BY_OTHERS == [True]  # seed 0's first step was still waiting when the others finished
 
 
 def test_sampling_does_not_depend_on_the_batch(tiny_model_dir: Any) -> None:
