@@ -29,7 +29,7 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -ra -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -ra -q --durations=15
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -ra -q -m "not slow"
