@@ -4,6 +4,7 @@ progress independently, and the engine feeds every token once."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -151,39 +152,43 @@ def test_engine_feeds_every_token_once(tiny_model_dir: Any) -> None:
     assert engine._sessions == {}  # every episode released its cache
 
 
-class SlowEchoEnv(EchoEnv):
-    """Seed 0's first tool call returns only once the other episodes have played all 3 of their turns (a
-    turn barrier would never let them: then it gives up after 60 s and the test fails). No timing involved,
-    so a busy machine cannot make it flaky."""
+class GatedEchoEnv(EchoEnv):
+    """Seed 0's first tool call returns only once ``gate`` opens (or gives up after 60 s), so the other
+    episodes must play on meanwhile. The test opens the gate on what it checks (the others finished, the
+    teacher scored them): no timing involved, so a busy machine cannot make these tests flaky."""
 
-    others_done = threading.Event()
-    steps: dict[int, int] = {}
+    gate = threading.Event()
+    steps: dict[int, int] = {}  # env steps per seed
+    released: list[bool] = []  # per wait: True = the gate opened, False = it gave up
+    open_when: Callable[[dict[int, int]], bool] = staticmethod(lambda steps: False)
     lock = threading.Lock()
+
+    @classmethod
+    def close_gate(cls, open_when: Callable[[dict[int, int]], bool] = lambda steps: False) -> None:
+        cls.gate.clear()
+        cls.steps.clear()
+        cls.released.clear()
+        cls.open_when = staticmethod(open_when)
 
     def step(self, action: Any) -> Any:
         if self.task.seed == 0 and not self.steps.get(0):
-            RELEASED_BY_OTHERS.append(self.others_done.wait(timeout=60))
+            self.released.append(self.gate.wait(timeout=60))
         result = super().step(action)
         with self.lock:
             self.steps[self.task.seed] = self.steps.get(self.task.seed, 0) + 1
-            if self.steps.get(1) == 3 and self.steps.get(2) == 3:
-                self.others_done.set()
+            if self.open_when(self.steps):
+                self.gate.set()
         return result
-
-
-RELEASED_BY_OTHERS: list[bool] = []
 
 
 def test_episodes_do_not_wait_for_each_other(tiny_model_dir: Any) -> None:
     """No turn barrier: while one episode's tool is slow, the others play all their turns."""
     rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 3}, SamplingParams(max_tokens_per_turn=8, seed=0))
-    rollout.env_factory = lambda: SlowEchoEnv(limits=EnvLimits(max_turns=3))
-    SlowEchoEnv.others_done.clear()
-    SlowEchoEnv.steps.clear()
-    RELEASED_BY_OTHERS.clear()
+    rollout.env_factory = lambda: GatedEchoEnv(limits=EnvLimits(max_turns=3))
+    GatedEchoEnv.close_gate(open_when=lambda steps: steps.get(1) == 3 and steps.get(2) == 3)
     trajs = rollout.run([0, 1, 2])
     assert [len(t.turns) for t in trajs] == [3, 3, 3]
-    assert RELEASED_BY_OTHERS == [True]  # seed 0's first step was still waiting when the others finished
+    assert GatedEchoEnv.released == [True]  # seed 0's first step was still waiting when the others finished
 
 
 def test_sampling_does_not_depend_on_the_batch(tiny_model_dir: Any) -> None:

@@ -3,8 +3,7 @@ equals one pass after the rollout."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,41 +18,39 @@ from opd_agents.teacher.hf import HFTeacher
 from opd_agents.training.components import scores_while_rolling_out
 from opd_agents.training.signal import ScoringStream, gather_teacher_signal
 from opd_agents.types import SamplingParams, Trajectory
-from tests.test_rollout import STEP_LOG, SlowEchoEnv, make_rollout
+from tests.test_rollout import GatedEchoEnv, make_rollout
 
 
-class TimedTeacher(HFTeacher):
-    """The real HF teacher, noting when each batch it scored was done and which trajectories it held."""
+class GateOpeningTeacher(HFTeacher):
+    """The real HF teacher, noting the seeds of each batch it scored; a batch without seed 0 opens
+    ``GatedEchoEnv``'s gate, which seed 0's episode is waiting on."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.batches: list[tuple[float, list[int]]] = []
+        self.batches: list[list[int]] = []
 
-    def logits_for(self, trajs: Sequence[Trajectory]) -> list[torch.Tensor]:
-        rows = super().logits_for(trajs)
-        self.batches.append((time.perf_counter(), [t.seed for t in trajs]))
-        return rows
+    def _logits(self, trajs: Sequence[Trajectory]) -> Iterator[tuple[int, Any, torch.Tensor]]:
+        yield from super()._logits(trajs)  # what score() and logits_for() both run on
+        self.batches.append([t.seed for t in trajs])
+        if 0 not in self.batches[-1]:
+            GatedEchoEnv.gate.set()
 
 
 @pytest.mark.parametrize("need", ["logits", "logprobs", "topk"])
 def test_stream_scores_while_slow_episode_plays_and_equals_one_pass(tiny_model_dir: Path, tiny_teacher_dir: Path,
                                                                     need: Any) -> None:
     rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 3}, SamplingParams(max_tokens_per_turn=8, seed=0))
-    rollout.env_factory = lambda: SlowEchoEnv(limits=EnvLimits(max_turns=3))  # seed 0: 0.6 s per tool call
+    rollout.env_factory = lambda: GatedEchoEnv(limits=EnvLimits(max_turns=3))  # seed 0 waits for the teacher
     model, tok = load_model(tiny_teacher_dir)
-    teacher = TimedTeacher(model, tok, batch_size=8)
-    STEP_LOG.clear()
+    teacher = GateOpeningTeacher(model, tok, batch_size=8)
+    GatedEchoEnv.close_gate()
     stream = ScoringStream(teacher, need, top_k=4)
     trajs = rollout.run([0, 1, 2, 3], on_episode_end=stream.submit)
-    rollout_end = time.perf_counter()
     streamed = stream.result()
     signal = gather_teacher_signal(teacher, trajs, None, need, 4, streamed=streamed)
     assert streamed.scored == signal.scored == {t.id for t in trajs}  # nothing was scored twice
-
-    if need == "logits":
-        slow_last_step = max(t for seed, t in STEP_LOG if seed == 0)
-        fast_scored = [done for done, seeds in teacher.batches if 0 not in seeds]
-        assert fast_scored and max(fast_scored) < slow_last_step < rollout_end  # hidden behind the slow episode
+    # The others were scored while seed 0's episode was still playing (it waited for exactly that).
+    assert GatedEchoEnv.released == [True] and any(0 not in seeds for seeds in teacher.batches)
     expected = [[list(turn.teacher_logprobs) for turn in t.turns] for t in trajs]
     one_pass_teacher = HFTeacher(model, tok, batch_size=8)
     for t in trajs:
