@@ -102,7 +102,8 @@ def _save_atomically(model: PreTrainedModel, tok: PreTrainedTokenizerBase, out_d
     (a dead PID's temp dir: a whole model's size) is removed first."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.parent.glob(f".{out_dir.name}.pid-*"):
-        if not _alive(int(stale.name.split(".pid-", 1)[1].split(".", 1)[0])):
+        pid = stale.name.split(".pid-", 1)[1].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.pid-{os.getpid()}."))
     model.save_pretrained(tmp)
