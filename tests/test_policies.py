@@ -115,6 +115,21 @@ def test_policies_compose_by_multiplying_and_report_metrics() -> None:
     assert policies.step_metrics(1) == {}  # reset after each step
 
 
+def test_rollout_truncation_counts_calls_the_env_refused() -> None:
+    """TextWorld's wrong moves are well-formed calls whose command the game refuses (Turn.outcome invalid)."""
+    turns = [make_turn(i, [-1.0]) for i in range(3)]
+    turns[0].outcome, turns[1].outcome, turns[2].outcome = TurnOutcome.ok, TurnOutcome.invalid, TurnOutcome.invalid
+    spec = {"name": "rollout_truncation", "mode": "invalid_calls", "max_invalid_calls": 2}
+    assert build(spec).should_stop(make_traj(turns[:2])) is None  # one refused call so far
+    assert build(spec).should_stop(make_traj(turns)) == StopReason.divergence
+    assert build(spec | {"count_invalid_outcomes": False}).should_stop(make_traj(turns)) is None
+    # a turn with an invalid-call error counts its errors once, not again for its invalid outcome
+    erring = make_turn(0, [-1.0], errors=[ErrorType.parse_error])
+    erring.outcome = TurnOutcome.invalid
+    assert build(spec).should_stop(make_traj([erring])) is None
+    assert build(spec).should_stop(make_traj([erring, turns[1]])) == StopReason.divergence
+
+
 def test_any_rollout_policy_stops_and_is_counted() -> None:
     policies = build({"name": "rollout_truncation", "mode": "invalid_calls", "max_invalid_calls": 1}, {"name": "sod"})
     traj = make_traj([make_turn(0, [-1.0], errors=[ErrorType.tool_not_found])])

@@ -1,7 +1,9 @@
 """Rollout-time truncation: end the episode early (the rollout's ``turn_hook``).
 
 ``mode: invalid_calls``: once the episode's invalid calls (parse_error, tool_not_found, validation_failed,
-counted over all turns so far) reach m = ``max_invalid_calls``: ``StopReason.parse_error`` if they are all
+counted over all turns so far; with ``count_invalid_outcomes`` also each turn the env marked
+``TurnOutcome.invalid`` without such an error: a well-formed call the env refused, e.g. a TextWorld command
+the game does not accept) reach m = ``max_invalid_calls``: ``StopReason.parse_error`` if they are all
 parse errors, else ``StopReason.divergence``. ``mode: threshold``: the latest turn's d_k > tau ->
 ``StopReason.divergence`` (the online teacher scores each turn as it is sampled; an unscored turn never
 stops). ``mode: both``: either check, invalid calls first.
@@ -15,13 +17,15 @@ from pydantic import Field
 
 from opd_agents.training.divergence import INVALID_CALL_ERRORS, turn_divergence
 from opd_agents.training.policies.base import Needs, PolicyParams, RolloutPolicy, register
-from opd_agents.types import ErrorType, StopReason, Trajectory
+from opd_agents.types import ErrorType, StopReason, Trajectory, TurnOutcome
 
 
 class RolloutTruncationParams(PolicyParams):
     mode: Literal["invalid_calls", "threshold", "both"] = "both"
     max_invalid_calls: int = Field(2, ge=1, description="m: stop the episode at the m-th invalid call")
     tau: float = Field(1.0, ge=0.0, description="d_k threshold (nats) for mode=threshold|both")
+    count_invalid_outcomes: bool = Field(True, description=(
+        "also count turns the env marked invalid (a call it refused) when they have no invalid-call error"))
 
 
 @register
@@ -37,7 +41,11 @@ class RolloutTruncation(RolloutPolicy):
     def should_stop(self, traj: Trajectory) -> StopReason | None:
         p = self.params
         if p.mode in ("invalid_calls", "both"):
-            invalid = [e for t in traj.turns for e in t.tool_error_types if e in INVALID_CALL_ERRORS]
+            invalid: list[ErrorType | TurnOutcome] = []
+            for t in traj.turns:
+                errors = [e for e in t.tool_error_types if e in INVALID_CALL_ERRORS]
+                refused = p.count_invalid_outcomes and not errors and t.outcome == TurnOutcome.invalid
+                invalid += errors + ([TurnOutcome.invalid] if refused else [])
             if len(invalid) >= p.max_invalid_calls:
                 return StopReason.parse_error if all(e == ErrorType.parse_error for e in invalid) \
                     else StopReason.divergence
