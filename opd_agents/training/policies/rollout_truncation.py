@@ -41,13 +41,12 @@ class RolloutTruncation(RolloutPolicy):
     def should_stop(self, traj: Trajectory) -> StopReason | None:
         p = self.params
         if p.mode in ("invalid_calls", "both"):
-            invalid: list[ErrorType | TurnOutcome] = []
-            for t in traj.turns:
-                errors = [e for e in t.tool_error_types if e in INVALID_CALL_ERRORS]
-                refused = p.count_invalid_outcomes and not errors and t.outcome == TurnOutcome.invalid
-                invalid += errors + ([TurnOutcome.invalid] if refused else [])
-            if len(invalid) >= p.max_invalid_calls:
-                return StopReason.parse_error if all(e == ErrorType.parse_error for e in invalid) \
+            invalid = [e for t in traj.turns for e in t.tool_error_types if e in INVALID_CALL_ERRORS]
+            refused = sum(  # turns the env refused; one with an invalid-call error is already counted above
+                t.outcome == TurnOutcome.invalid and not INVALID_CALL_ERRORS.intersection(t.tool_error_types)
+                for t in traj.turns) if p.count_invalid_outcomes else 0
+            if len(invalid) + refused >= p.max_invalid_calls:
+                return StopReason.parse_error if not refused and all(e == ErrorType.parse_error for e in invalid) \
                     else StopReason.divergence
         if p.mode in ("threshold", "both") and traj.turns:
             d = turn_divergence(traj.turns[-1])
