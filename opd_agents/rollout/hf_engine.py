@@ -29,7 +29,7 @@ import torch
 from transformers import PreTrainedModel
 
 from opd_agents.rollout.engine import Completion, CompletionRequest, Finish, register_engine
-from opd_agents.rollout.kv import MIN_SHARED_PREFIX, KVBatch, KVSession, autocast, common_prefix_len
+from opd_agents.rollout.kv import MIN_SHARED_PREFIX, KVBatch, KVSession, autocast, common_prefix_len, weights_version
 from opd_agents.rollout.renderer import Renderer
 
 _STOP_TAIL_TOKENS = 8  # how many trailing tokens are decoded to look for a stop string
@@ -197,10 +197,6 @@ class HFEngine:
             with self._lock:
                 self._sessions[work.request.session] = session
 
-    def _weights_version(self) -> int:
-        """Changes whenever a parameter is modified in place (an optimizer step, a state-dict load)."""
-        return sum(p._version for p in self.model.parameters())
-
     def _share_prefix(self, new: list[_Work], resumed: list[tuple[KVSession | None, list[int]]]) -> None:
         """New episodes (no session yet) start from one cached copy of their common prompt prefix (system
         prompt + tool schemas; with group sampling the whole task prompt): it is computed once, kept while
@@ -210,7 +206,7 @@ class HFEngine:
             return
         # A row must still feed the positions whose logits it reads.
         limit = min(len(resumed[i][1]) - _ids_and_need(new[i].request)[1] for i in fresh)
-        version = self._weights_version()
+        version = weights_version(self.model)
         prefix = self._prefix if self._prefix is not None and self._prefix_version == version else None
         if prefix is not None and (len(prefix.tokens) > limit or
                                    any(resumed[i][1][: len(prefix.tokens)] != prefix.tokens for i in fresh)):

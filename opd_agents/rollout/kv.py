@@ -244,19 +244,68 @@ def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def weights_version(model: torch.nn.Module) -> int:
+    """Changes whenever a parameter is modified in place (an optimizer step, a state-dict load)."""
+    return sum(p._version for p in model.parameters())
+
+
+@torch.no_grad()
+def prefix_session(model: torch.nn.Module, ids: Sequence[int]) -> KVSession:
+    """``ids`` run through ``model`` (a causal LM) at batch 1; their keys/values as a session."""
+    device = next(model.parameters()).device
+    cache = DynamicCache()
+    head_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device), past_key_values=cache,
+          use_cache=True, **head_kwargs)
+    return KVSession(list(ids), [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+
+
+class PrefixCache:
+    """The KV of the prompt prefix a run's sequences start with (system prompt + tool schemas), kept while
+    the model's weights stay the same: a frozen teacher computes it once per run instead of once per batch,
+    and a batch of one sequence (an episode scored as soon as it ends) uses it too. The cached prefix only
+    shrinks, to what the sequences seen so far share; each one is a fresh batch-1 forward over exactly its
+    ids, so the cached keys/values do not depend on which batch came first."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._session: KVSession | None = None
+        self._version = -1
+
+    def lookup(self, rows: Sequence[Sequence[int]], limit: int) -> KVSession | None:
+        """The cached prefix every row starts with, at most ``limit`` ids long (the rows must still feed
+        the positions whose logits they need); None when they share less than ``MIN_SHARED_PREFIX``."""
+        version = weights_version(self.model)
+        cached = self._session if self._version == version else None
+        n = min(common_prefix_len([cached.tokens, *rows]), limit) if cached is not None else 0
+        if n >= MIN_SHARED_PREFIX and n == len(cached.tokens):  # type: ignore[union-attr]
+            return cached
+        if n < MIN_SHARED_PREFIX:  # no usable cache: the batch's own common prefix, if it has one
+            n = min(common_prefix_len(rows), limit) if len(rows) > 1 else 0
+            if n < MIN_SHARED_PREFIX:
+                return None
+        self._session, self._version = prefix_session(self.model, rows[0][:n]), version
+        return self._session
+
+
 def forward_shared_prefix(module: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefix: int,
-                          **kwargs: object) -> object:
+                          cached: KVSession | None = None, **kwargs: object) -> object:
     """``module`` (a causal LM or its decoder) over a RIGHT-padded batch whose rows all start with the same
     ``prefix`` ids: the prefix runs once (batch 1), its cache is expanded to the rows, and only the rest of
     each row is fed on top. Returns the module's output for columns ``prefix..W-1`` (logits / hidden states
     of the suffix). Under autograd the rows' gradients flow back into the one prefix computation. Equal to
-    the plain forward pass up to floating-point differences."""
+    the plain forward pass up to floating-point differences. ``cached``: the prefix's keys/values computed
+    earlier (``prefix`` ids; gradients reach its tensors, see ``training.policy.SharedPrefix``)."""
     rows, width = ids.shape
     cache = DynamicCache()
-    head_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(module.forward).parameters else {}
-    module(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], past_key_values=cache, use_cache=True,
-           **head_kwargs)
-    cache.batch_repeat_interleave(rows)
+    if cached is not None:
+        for layer, (keys, values) in enumerate(zip(cached.keys, cached.values, strict=True)):
+            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
+    else:
+        head_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(module.forward).parameters else {}
+        module(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], past_key_values=cache, use_cache=True,
+               **head_kwargs)
+        cache.batch_repeat_interleave(rows)
     positions = torch.arange(prefix, width, device=ids.device).expand(rows, -1)
     return module(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, past_key_values=cache,
                   use_cache=True, **kwargs)

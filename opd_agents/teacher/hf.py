@@ -18,7 +18,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd_agents.models import load_model
-from opd_agents.rollout.kv import MIN_SHARED_PREFIX, common_prefix_len, forward_shared_prefix
+from opd_agents.rollout.kv import PrefixCache, forward_shared_prefix
 from opd_agents.rollout.renderer import Renderer
 from opd_agents.teacher.base import PrivilegedFn, Teacher, TeacherScores, TeacherSequence
 from opd_agents.types import Trajectory
@@ -61,6 +61,7 @@ class HFTeacher(Teacher):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = int(pad if pad is not None else 0)  # any id works: pads are masked and never read
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._prefix = PrefixCache(model)
 
     # ---- public ----------------------------------------------------------------------------------
     def score(self, trajs: Sequence[Trajectory], top_k: int = 0) -> list[TeacherScores]:
@@ -113,21 +114,22 @@ class HFTeacher(Teacher):
             ids[r, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.long)
             mask[r, : len(s.input_ids)] = 1
         rows = torch.cat([torch.full((len(s.positions),), r, dtype=torch.long) for r, s in enumerate(batch)])
-        # The rows' common prefix (system prompt + tool schemas; with group sampling the whole task prompt)
-        # runs once; every column read below lies after it.
-        prefix = min(common_prefix_len([s.input_ids for s in batch]), min(min(s.positions) for s in batch) - 1)
-        prefix = prefix if len(batch) > 1 and prefix >= MIN_SHARED_PREFIX else 0
-        cols = torch.cat([torch.tensor(s.positions, dtype=torch.long) - 1 for s in batch]) - prefix
-        kwargs = {}
-        if self._keeps_logits:  # compute the LM head only on the columns some row needs
-            keep = torch.unique(cols)
-            kwargs["logits_to_keep"] = keep.to(device)
-            cols = torch.searchsorted(keep, cols)
         was_training = self.model.training
         self.model.eval()
         try:
-            if prefix:
-                out = forward_shared_prefix(self.model, ids.to(device), mask.to(device), prefix, **kwargs)
+            # The prompt prefix the rows share (system prompt + tool schemas; with group sampling the whole
+            # task prompt) is computed once and kept while the weights stay the same; every column read
+            # below lies after it.
+            cached = self._prefix.lookup([s.input_ids for s in batch], min(min(s.positions) for s in batch) - 1)
+            prefix = len(cached.tokens) if cached is not None else 0
+            cols = torch.cat([torch.tensor(s.positions, dtype=torch.long) - 1 for s in batch]) - prefix
+            kwargs = {}
+            if self._keeps_logits:  # compute the LM head only on the columns some row needs
+                keep = torch.unique(cols)
+                kwargs["logits_to_keep"] = keep.to(device)
+                cols = torch.searchsorted(keep, cols)
+            if cached is not None:
+                out = forward_shared_prefix(self.model, ids.to(device), mask.to(device), prefix, cached, **kwargs)
             else:
                 out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs)
             logits = out.logits

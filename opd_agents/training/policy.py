@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
-from opd_agents.rollout.kv import MIN_SHARED_PREFIX, autocast, common_prefix_len, forward_shared_prefix
+from opd_agents.rollout.kv import MIN_SHARED_PREFIX, KVSession, autocast, common_prefix_len, forward_shared_prefix
 from opd_agents.training.view import TrainingView, collate
 
 
@@ -60,13 +60,14 @@ class StudentLogits(torch.nn.Module):
         self.share_prefix = True
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, cols: Tensor, slots: Tensor,
-                width: int, prefix: int = 0) -> Tensor:
+                width: int, prefix: int = 0, cached: KVSession | None = None) -> Tensor:
         """Logits [B, width, V]: at [rows[i], slots[i]] the logits after position cols[i] of row rows[i] (the
-        rest 0); ``prefix``: the rows' common prefix, computed once."""
+        rest 0); ``prefix``: the rows' common prefix, computed once (``cached``: its keys/values, computed
+        already)."""
         with autocast(input_ids.device, self.compute_dtype):
             decoder = self.model.get_decoder()
             if prefix:
-                out = forward_shared_prefix(decoder, input_ids, attention_mask, prefix)
+                out = forward_shared_prefix(decoder, input_ids, attention_mask, prefix, cached)
             else:
                 out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             hidden = out.last_hidden_state  # type: ignore[attr-defined]  # columns prefix..W-1
@@ -79,18 +80,63 @@ class StudentLogits(torch.nn.Module):
         return full.float()  # the losses' softmaxes in fp32 whatever the compute dtype
 
 
+def _prefix_limit(views: Sequence[TrainingView]) -> int:
+    """The longest prefix the views share that ends before any of their first assistant tokens."""
+    first_targets = [v.loss_mask.index(1) if 1 in v.loss_mask else len(v) for v in views]
+    return min(common_prefix_len([v.input_ids for v in views]), min(first_targets) - 1)
+
+
+@dataclass
+class SharedPrefix:
+    """A training step's common prompt prefix, run once for all of the step's micro-batches instead of once
+    in each. The micro-batches read ``session``: detached copies of its keys/values whose gradients add up
+    over their backward passes; ``backward()`` then takes that sum through the prefix's forward, once. The
+    parameters' gradients equal those of running the prefix in every micro-batch (floating-point sums aside).
+    One process only: a DDP wrapper syncs gradients inside the last micro-batch's backward, before this one."""
+
+    session: KVSession  # leaves (requires_grad) the micro-batches attend to
+    computed: list[Tensor]  # the same keys, then values, as the decoder computed them (in the autograd graph)
+
+    @classmethod
+    def build(cls, student: StudentLogits, views: Sequence[TrainingView]) -> SharedPrefix | None:
+        """The views' shared prefix through ``student``'s decoder (None when it is shorter than
+        ``MIN_SHARED_PREFIX``)."""
+        n = _prefix_limit(views)
+        if n < MIN_SHARED_PREFIX:
+            return None
+        device = next(student.parameters()).device
+        cache = DynamicCache()
+        with autocast(device, student.compute_dtype):
+            student.model.get_decoder()(input_ids=torch.tensor([views[0].input_ids[:n]], device=device),
+                                        past_key_values=cache, use_cache=True)
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        session = KVSession(list(views[0].input_ids[:n]), [k.detach().requires_grad_() for k in keys],
+                            [v.detach().requires_grad_() for v in values])
+        return cls(session, keys + values)
+
+    def backward(self) -> None:
+        leaves = self.session.keys + self.session.values
+        pairs = [(t, leaf.grad) for t, leaf in zip(self.computed, leaves, strict=True) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+
 def assistant_batch(model: PreTrainedModel | torch.nn.Module, views: Sequence[TrainingView],
-                    pad_token_id: int) -> AssistantBatch:
+                    pad_token_id: int, shared: SharedPrefix | None = None) -> AssistantBatch:
     """The student's logits at every assistant token of ``views`` (with grad). ``model``: a causal LM, or
     its ``StudentLogits`` (possibly inside DDP / FSDP). The rows' common prefix (system prompt + tool
     schemas; the whole task prompt under group sampling) runs once and its cache is shared by the rows,
-    so its forward and backward cost is paid once per batch."""
+    so its forward and backward cost is paid once per batch; ``shared``: the step's prefix, computed once
+    for all its micro-batches (every view starts with it)."""
     forward = StudentLogits(model) if hasattr(model, "get_decoder") else model
     batch = collate(views, pad_token_id)
     device = next(forward.parameters()).device
-    first_targets = [v.loss_mask.index(1) if 1 in v.loss_mask else len(v) for v in views]
-    prefix = min(common_prefix_len([v.input_ids for v in views]), min(first_targets) - 1)
-    prefix = prefix if len(views) > 1 and prefix >= MIN_SHARED_PREFIX and getattr(forward, "share_prefix", True) else 0
+    if shared is not None:
+        prefix = len(shared.session.tokens)
+    else:
+        prefix = _prefix_limit(views)
+        prefix = prefix if len(views) > 1 and prefix >= MIN_SHARED_PREFIX and getattr(forward, "share_prefix", True) else 0
     loss_mask = batch["loss_mask"]
     rows, pos = loss_mask.nonzero(as_tuple=True)  # row-major: each row's targets in order
     slots = (loss_mask.cumsum(1) - 1).long()[rows, pos]  # the target's place among its row's targets
@@ -98,7 +144,8 @@ def assistant_batch(model: PreTrainedModel | torch.nn.Module, views: Sequence[Tr
     width = max(max(counts), 1)
     # logits at p-1 predict the token at p
     logits = forward(batch["input_ids"].to(device), batch["attention_mask"].to(device), rows.to(device),
-                     (pos - 1).to(device), slots.to(device), width, prefix)
+                     (pos - 1).to(device), slots.to(device), width, prefix,
+                     shared.session if shared is not None else None)
     fields: dict[str, list[Tensor]] = {k: [] for k in ("input_ids", "sampling_logprobs", "teacher_logprobs",
                                                         "token_weights", "turn_index")}
     for b in range(len(views)):

@@ -38,7 +38,7 @@ from opd_agents.training.tracking import MetricsLog
 from opd_agents.training.losses import LossOutput, LossSpec, grpo_advantages, select_loss
 from opd_agents.training.policies.base import Needs
 from opd_agents.training.policies.signals import topk_signals
-from opd_agents.training.policy import StudentLogits, adamw, assistant_batch, cross_entropy, pad_rows
+from opd_agents.training.policy import SharedPrefix, StudentLogits, adamw, assistant_batch, cross_entropy, pad_rows
 from opd_agents.training.preflight import preflight
 from opd_agents.env.registry import make_env
 from opd_agents.rollout.chat_template import template_parser
@@ -318,6 +318,9 @@ class Trainer:
         agg: dict[str, float] = {}
         total_loss = 0.0
         starts = range(0, len(trajs), tc.micro_batch_size)
+        # Several micro-batches of one process: their common prompt prefix runs once for the step.
+        shared = SharedPrefix.build(self.trained, [TrainingView.from_trajectory(t) for t in trajs]) \
+            if len(starts) > 1 and isinstance(self.trained, StudentLogits) and self.trained.share_prefix else None
         for start in starts:
             micro = trajs[start : start + tc.micro_batch_size]
             micro_tokens = sum(t.num_assistant_tokens for t in micro)
@@ -325,7 +328,7 @@ class Trainer:
                 continue
             adv = advantages[start : start + tc.micro_batch_size] if advantages is not None else None
             with gradient_sync(self.trained, enabled=start == starts[-1]):
-                out = self._micro_loss(micro, loss_spec, on_policy, adv, teacher)
+                out = self._micro_loss(micro, loss_spec, on_policy, adv, teacher, shared)
                 share = micro_tokens / n_tokens
                 # The wrapper averages gradients over the ranks: scaled back up, the job's gradient is
                 # the token-mean one, as one process with the whole batch would compute.
@@ -333,6 +336,8 @@ class Trainer:
             total_loss += out.loss.item() * share
             for k, v in out.metrics.items():
                 agg[k] = agg.get(k, 0.0) + v * share
+        if shared is not None:
+            shared.backward()
         self._token_factors = {}
         mismatch = torch.tensor(dist.gather(torch.cat(self._mismatch).tolist() if self._mismatch else []))
         self._mismatch = []
@@ -403,8 +408,9 @@ class Trainer:
         return grpo_advantages(rewards, [t.seed for t in trajs]) * self.cfg.loss.outcome_coef
 
     def _micro_loss(self, micro: list[Trajectory], loss: LossSpec, on_policy: bool,
-                    advantages: torch.Tensor | None, teacher: TeacherSignal) -> LossOutput:
-        batch = assistant_batch(self.trained, [TrainingView.from_trajectory(t) for t in micro], self.pad_id)
+                    advantages: torch.Tensor | None, teacher: TeacherSignal,
+                    shared: SharedPrefix | None = None) -> LossOutput:
+        batch = assistant_batch(self.trained, [TrainingView.from_trajectory(t) for t in micro], self.pad_id, shared)
         factors = [self._token_factors.get(t.id) for t in micro]
         if any(f is not None for f in factors):  # token-level policies (iw_opd, topk_drift)
             rows = [torch.tensor(f if f is not None else [1.0] * t.num_assistant_tokens, dtype=torch.float32)
