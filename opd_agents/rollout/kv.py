@@ -262,10 +262,10 @@ def prefix_session(model: torch.nn.Module, ids: Sequence[int]) -> KVSession:
 
 class PrefixCache:
     """The KV of the prompt prefix a run's sequences start with (system prompt + tool schemas), kept while
-    the model's weights stay the same: a frozen teacher computes it once per run instead of once per batch,
-    and a batch of one sequence (an episode scored as soon as it ends) uses it too. The cached prefix only
-    shrinks, to what the sequences seen so far share; each one is a fresh batch-1 forward over exactly its
-    ids, so the cached keys/values do not depend on which batch came first."""
+    the model's weights stay the same: a frozen teacher computes it once instead of once per batch, and a
+    batch of one sequence (an episode scored as soon as it ends) reuses the last one. A batch of several
+    sequences always uses exactly their common prefix, computed by a batch-1 forward over those ids, cached or
+    not: its result does not depend on earlier batches (a resumed run scores as an uninterrupted one)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -273,18 +273,20 @@ class PrefixCache:
         self._version = -1
 
     def lookup(self, rows: Sequence[Sequence[int]], limit: int) -> KVSession | None:
-        """The cached prefix every row starts with, at most ``limit`` ids long (the rows must still feed
-        the positions whose logits they need); None when they share less than ``MIN_SHARED_PREFIX``."""
+        """The prefix the rows share, at most ``limit`` ids long (the rows must still feed the positions
+        whose logits they need); None when it is shorter than ``MIN_SHARED_PREFIX`` (or, for one row, when
+        the cached prefix does not fit it)."""
         version = weights_version(self.model)
         cached = self._session if self._version == version else None
-        n = min(common_prefix_len([cached.tokens, *rows]), limit) if cached is not None else 0
-        if n >= MIN_SHARED_PREFIX and n == len(cached.tokens):  # type: ignore[union-attr]
-            return cached
-        if n < MIN_SHARED_PREFIX:  # no usable cache: the batch's own common prefix, if it has one
-            n = min(common_prefix_len(rows), limit) if len(rows) > 1 else 0
-            if n < MIN_SHARED_PREFIX:
-                return None
-        self._session, self._version = prefix_session(self.model, rows[0][:n]), version
+        if len(rows) == 1:
+            fits = cached is not None and len(cached.tokens) <= limit and \
+                list(rows[0][: len(cached.tokens)]) == cached.tokens
+            return cached if fits else None
+        n = min(common_prefix_len(rows), limit)
+        if n < MIN_SHARED_PREFIX:
+            return None
+        if cached is None or cached.tokens != list(rows[0][:n]):
+            self._session, self._version = prefix_session(self.model, rows[0][:n]), version
         return self._session
 
 
