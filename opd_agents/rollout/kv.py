@@ -249,15 +249,19 @@ def weights_version(model: torch.nn.Module) -> int:
     return sum(p._version for p in model.parameters())
 
 
+def run_prefix(module: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> KVSession:
+    """``ids`` [1, n] through ``module`` (a causal LM or its decoder); their keys/values as a session (in the
+    autograd graph when grad is on)."""
+    cache = DynamicCache()
+    head_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(module.forward).parameters else {}
+    module(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **head_kwargs)
+    return KVSession(ids[0].tolist(), [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+
+
 @torch.no_grad()
 def prefix_session(model: torch.nn.Module, ids: Sequence[int]) -> KVSession:
-    """``ids`` run through ``model`` (a causal LM) at batch 1; their keys/values as a session."""
-    device = next(model.parameters()).device
-    cache = DynamicCache()
-    head_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device), past_key_values=cache,
-          use_cache=True, **head_kwargs)
-    return KVSession(list(ids), [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+    """``ids`` run through ``model`` (a causal LM) at batch 1, without grad; their keys/values as a session."""
+    return run_prefix(model, torch.tensor([list(ids)], dtype=torch.long, device=next(model.parameters()).device))
 
 
 class PrefixCache:
@@ -299,15 +303,11 @@ def forward_shared_prefix(module: torch.nn.Module, ids: torch.Tensor, mask: torc
     the plain forward pass up to floating-point differences. ``cached``: the prefix's keys/values computed
     earlier (``prefix`` ids; gradients reach its tensors, see ``training.policy.SharedPrefix``)."""
     rows, width = ids.shape
+    if cached is None:
+        cached = run_prefix(module, ids[:1, :prefix], mask[:1, :prefix])
     cache = DynamicCache()
-    if cached is not None:
-        for layer, (keys, values) in enumerate(zip(cached.keys, cached.values, strict=True)):
-            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
-    else:
-        head_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(module.forward).parameters else {}
-        module(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], past_key_values=cache, use_cache=True,
-               **head_kwargs)
-        cache.batch_repeat_interleave(rows)
+    for layer, (keys, values) in enumerate(zip(cached.keys, cached.values, strict=True)):
+        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
     positions = torch.arange(prefix, width, device=ids.device).expand(rows, -1)
     return module(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, past_key_values=cache,
                   use_cache=True, **kwargs)

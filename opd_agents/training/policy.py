@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from opd_agents.rollout.kv import MIN_SHARED_PREFIX, KVSession, autocast, common_prefix_len, forward_shared_prefix
+from opd_agents.rollout.kv import (MIN_SHARED_PREFIX, KVSession, autocast, common_prefix_len, forward_shared_prefix,
+                                  run_prefix)
 from opd_agents.training.view import TrainingView, collate
 
 
@@ -105,15 +106,11 @@ class SharedPrefix:
         if n < MIN_SHARED_PREFIX:
             return None
         device = next(student.parameters()).device
-        cache = DynamicCache()
         with autocast(device, student.compute_dtype):
-            student.model.get_decoder()(input_ids=torch.tensor([views[0].input_ids[:n]], device=device),
-                                        past_key_values=cache, use_cache=True)
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
-        session = KVSession(list(views[0].input_ids[:n]), [k.detach().requires_grad_() for k in keys],
-                            [v.detach().requires_grad_() for v in values])
-        return cls(session, keys + values)
+            run = run_prefix(student.model.get_decoder(), torch.tensor([views[0].input_ids[:n]], device=device))
+        leaves = KVSession(run.tokens, [k.detach().requires_grad_() for k in run.keys],
+                           [v.detach().requires_grad_() for v in run.values])
+        return cls(leaves, run.keys + run.values)
 
     def backward(self) -> None:
         leaves = self.session.keys + self.session.values

@@ -319,7 +319,8 @@ class Trainer:
         total_loss = 0.0
         starts = range(0, len(trajs), tc.micro_batch_size)
         # Several micro-batches of one process: their common prompt prefix runs once for the step.
-        shared = SharedPrefix.build(self.trained, [TrainingView.from_trajectory(t) for t in trajs]) \
+        views = [TrainingView.from_trajectory(t) for t in trajs]
+        shared = SharedPrefix.build(self.trained, views) \
             if len(starts) > 1 and isinstance(self.trained, StudentLogits) and self.trained.share_prefix else None
         for start in starts:
             micro = trajs[start : start + tc.micro_batch_size]
@@ -328,7 +329,8 @@ class Trainer:
                 continue
             adv = advantages[start : start + tc.micro_batch_size] if advantages is not None else None
             with gradient_sync(self.trained, enabled=start == starts[-1]):
-                out = self._micro_loss(micro, loss_spec, on_policy, adv, teacher, shared)
+                out = self._micro_loss(micro, views[start : start + tc.micro_batch_size], loss_spec, on_policy, adv,
+                                       teacher, shared)
                 share = micro_tokens / n_tokens
                 # The wrapper averages gradients over the ranks: scaled back up, the job's gradient is
                 # the token-mean one, as one process with the whole batch would compute.
@@ -407,10 +409,10 @@ class Trainer:
         rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
         return grpo_advantages(rewards, [t.seed for t in trajs]) * self.cfg.loss.outcome_coef
 
-    def _micro_loss(self, micro: list[Trajectory], loss: LossSpec, on_policy: bool,
+    def _micro_loss(self, micro: list[Trajectory], views: list[TrainingView], loss: LossSpec, on_policy: bool,
                     advantages: torch.Tensor | None, teacher: TeacherSignal,
                     shared: SharedPrefix | None = None) -> LossOutput:
-        batch = assistant_batch(self.trained, [TrainingView.from_trajectory(t) for t in micro], self.pad_id, shared)
+        batch = assistant_batch(self.trained, views, self.pad_id, shared)
         factors = [self._token_factors.get(t.id) for t in micro]
         if any(f is not None for f in factors):  # token-level policies (iw_opd, topk_drift)
             rows = [torch.tensor(f if f is not None else [1.0] * t.num_assistant_tokens, dtype=torch.float32)
