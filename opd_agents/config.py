@@ -106,6 +106,9 @@ class RolloutConfig(_Strict):
     engine: str = Field("hf", description="sampling engine (opd_agents.rollout.engine registry): hf | vllm | "
                                           "vllm_server")
     max_episodes: int = Field(32, gt=0, description="episodes in flight at once; the engine batches their turns")
+    deterministic: bool = Field(True, description="the hf engine admits requests only while no env step is in "
+                                                  "flight, so a seeded run repeats exactly; false: slow tools "
+                                                  "overlap decoding instead")
     api_base: str | None = Field(None, description="engine=vllm_server: the server, e.g. http://127.0.0.1:8000")
     weight_sync: Literal["auto", "shm", "http"] = Field(
         "auto", description="engine=vllm_server: how new weights reach it: a file in /dev/shm (same node), or "

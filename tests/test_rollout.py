@@ -3,7 +3,9 @@ progress independently, and the engine feeds every token once."""
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -182,13 +184,54 @@ class GatedEchoEnv(EchoEnv):
 
 
 def test_episodes_do_not_wait_for_each_other(tiny_model_dir: Any) -> None:
-    """No turn barrier: while one episode's tool is slow, the others play all their turns."""
+    """No turn barrier: while one episode's tool is slow, the others play all their turns (a rollout that
+    is not deterministic: it does not wait for env steps in flight)."""
     rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 3}, SamplingParams(max_tokens_per_turn=8, seed=0))
+    rollout.deterministic = False
     rollout.env_factory = lambda: GatedEchoEnv(limits=EnvLimits(max_turns=3))
     GatedEchoEnv.close_gate(open_when=lambda steps: steps.get(1) == 3 and steps.get(2) == 3)
     trajs = rollout.run([0, 1, 2])
     assert [len(t.turns) for t in trajs] == [3, 3, 3]
     assert GatedEchoEnv.released == [True]  # seed 0's first step was still waiting when the others finished
+
+
+class JitteryEchoEnv(EchoEnv):
+    """A tool call takes 0-20 ms at random (not seeded): the env threads finish in a different order every run."""
+
+    def step(self, action: Any) -> Any:
+        time.sleep(random.SystemRandom().uniform(0.0, 0.02))
+        return super().step(action)
+
+
+class RecordingEngine(HFEngine):
+    """Notes the requests (by ``order``) each admission batched together."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.admitted: list[list[int]] = []
+
+    def _admit(self, new: Any, running: Any, works: Any) -> Any:
+        self.admitted.append([w.request.order for w in new])
+        return super()._admit(new, running, works)
+
+
+def test_a_deterministic_rollout_batches_alike_however_long_the_tools_take(tiny_model_dir: Any) -> None:
+    """The same batches, bit-equal logprobs and the same order of finished episodes in two runs whose tool
+    calls took different times: a seeded run repeats exactly."""
+    runs = []
+    for _ in range(2):
+        model, tok = load_model(tiny_model_dir)
+        env_factory = lambda: JitteryEchoEnv(limits={"max_turns": 3})  # noqa: E731
+        engine = RecordingEngine(model, ChatMLRenderer(tok, env_factory().parser))
+        rollout = Rollout(engine, env_factory, SamplingParams(temperature=1.0, max_tokens_per_turn=12, seed=5),
+                          max_episodes=3)
+        ended: list[int] = []
+        trajs = rollout.run(list(range(7)), on_episode_end=lambda t: ended.append(t.seed))
+        runs.append((engine.admitted, ended, [[turn.sampling_logprobs for turn in t.turns] for t in trajs]))
+    assert runs[0] == runs[1]
+    admitted, ended, _ = runs[0]
+    assert sorted(ended) == list(range(7)) and len(admitted) > 7 and max(map(len, admitted)) > 1
+    assert all(batch == sorted(batch) for batch in admitted)  # admitted in the episodes' order
 
 
 def test_sampling_does_not_depend_on_the_batch(tiny_model_dir: Any) -> None:

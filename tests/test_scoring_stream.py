@@ -41,10 +41,11 @@ def test_stream_scores_while_slow_episode_plays_and_equals_one_pass(tiny_model_d
                                                                     need: Any) -> None:
     rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 3}, SamplingParams(max_tokens_per_turn=8, seed=0))
     rollout.env_factory = lambda: GatedEchoEnv(limits=EnvLimits(max_turns=3))  # seed 0 waits for the teacher
+    rollout.deterministic = False  # the others play on while seed 0's tool call waits
     model, tok = load_model(tiny_teacher_dir)
     teacher = GateOpeningTeacher(model, tok, batch_size=8)
     GatedEchoEnv.close_gate()
-    stream = ScoringStream(teacher, need, top_k=4)
+    stream = ScoringStream(teacher, need, top_k=4, chunk=1)
     trajs = rollout.run([0, 1, 2, 3], on_episode_end=stream.submit)
     streamed = stream.result()
     signal = gather_teacher_signal(teacher, trajs, None, need, 4, streamed=streamed)
@@ -70,6 +71,20 @@ def test_stream_scores_while_slow_episode_plays_and_equals_one_pass(tiny_model_d
     assert signal.tokens_processed == one_pass.tokens_processed > 0
 
 
+def test_stream_batches_by_arrival_in_chunks(tiny_model_dir: Path) -> None:
+    """Fixed batches of ``chunk`` in arrival order, the rest at ``result()``: never what the worker happened
+    to find waiting (teacher numerics depend on what shares a batch)."""
+    model, tok = load_model(tiny_model_dir)
+    rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 1}, SamplingParams(max_tokens_per_turn=4, seed=0))
+    trajs = rollout.run([3, 4, 5, 6, 7])
+    teacher = GateOpeningTeacher(model, tok, batch_size=8)
+    stream = ScoringStream(teacher, "logprobs", top_k=0, chunk=2)
+    for t in trajs:
+        stream.submit(t)
+    assert stream.result().scored == {t.id for t in trajs}
+    assert teacher.batches == [[3, 4], [5, 6], [7]]
+
+
 def test_stream_raises_the_teachers_error_at_result(tiny_model_dir: Path) -> None:
     class BrokenTeacher(HFTeacher):
         def score(self, trajs: Sequence[Trajectory], top_k: int = 0) -> Any:
@@ -77,7 +92,7 @@ def test_stream_raises_the_teachers_error_at_result(tiny_model_dir: Path) -> Non
 
     model, tok = load_model(tiny_model_dir)
     rollout, _, _ = make_rollout(tiny_model_dir, {"max_turns": 1}, SamplingParams(max_tokens_per_turn=4, seed=0))
-    stream = ScoringStream(BrokenTeacher(model, tok), "logprobs", top_k=0)
+    stream = ScoringStream(BrokenTeacher(model, tok), "logprobs", top_k=0, chunk=1)
     rollout.run([1, 2], on_episode_end=stream.submit)  # the rollout itself finishes
     with pytest.raises(RuntimeError, match="went away"):
         stream.result()

@@ -9,7 +9,7 @@ players depend on this protocol only; adding an engine = one class + one ``regis
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -29,6 +29,7 @@ class CompletionRequest:
     top_p: float = 1.0
     seed: int | None = None  # per-request RNG: results do not depend on what else is in the batch
     session: str | None = None  # the episode: what the engine cached for it may be reused
+    order: int = 0  # requests admitted together are batched in this order (the episode's place in its rollout)
 
 
 @dataclass
@@ -55,6 +56,18 @@ class SamplingEngine(Protocol):
         step; an engine that runs the trainer's own module needs to do nothing)."""
 
     def close(self) -> None: ...
+
+
+AdmissionGate = Callable[[], Awaitable[None]]
+
+
+@runtime_checkable
+class GatedEngine(Protocol):
+    """An engine that batches requests by arrival can wait on a gate before it admits new ones. The rollout
+    gates it until no env step is in flight (every live episode is waiting on the engine), so which requests
+    share a batch is a function of the seeds, not of thread timing: a seeded run repeats bit for bit."""
+
+    admission_gate: AdmissionGate | None
 
 
 EngineFactory = Callable[..., SamplingEngine]

@@ -6,7 +6,9 @@ their cached sessions (the episode's KV from earlier turns) are merged into one 
 (2) decodes one token for every running row. A row that stops leaves the batch at once (no pad decoding)
 and its cache is kept, dense, as the episode's session until the next request for it, so a waiting episode
 costs no compute while its tool runs. Sampling uses one RNG per request, so what a request samples does
-not depend on what else shares the batch (up to floating-point differences between batch shapes).
+not depend on what else shares the batch (up to floating-point differences between batch shapes). Those
+differences are why a deterministic rollout gates admission (``admission_gate``: wait until no env step is
+in flight) and requests are admitted in their ``order``: the batches are then the same in every run.
 
 The same task also scores: a ``ScoreRequest`` prefills an episode's new ids and returns log pi of its
 last ``n_scored`` tokens (the online teacher scores each turn this way, reusing the teacher's cache).
@@ -28,7 +30,7 @@ from typing import cast
 import torch
 from transformers import PreTrainedModel
 
-from opd_agents.rollout.engine import Completion, CompletionRequest, Finish, register_engine
+from opd_agents.rollout.engine import AdmissionGate, Completion, CompletionRequest, Finish, register_engine
 from opd_agents.rollout.kv import MIN_SHARED_PREFIX, KVBatch, KVSession, autocast, common_prefix_len, weights_version
 from opd_agents.rollout.renderer import Renderer
 
@@ -60,6 +62,10 @@ class _Work:
     logprobs: list[float] = field(default_factory=list)
 
 
+def _admission_order(work: _Work) -> int:
+    return work.request.order if isinstance(work.request, CompletionRequest) else 0
+
+
 def _ids_and_need(req: CompletionRequest | ScoreRequest) -> tuple[list[int], int]:
     """A request's sequence, and how many of its last positions must be fed for the logits it reads."""
     if isinstance(req, CompletionRequest):
@@ -89,6 +95,7 @@ class HFEngine:
         self._task: asyncio.Task[None] | None = None  # the serving task, on the loop of the latest requests
         self._sessions: dict[str, KVSession] = {}
         self._lock = threading.Lock()
+        self.admission_gate: AdmissionGate | None = None  # set by a deterministic rollout (GatedEngine)
 
     # ---- protocol ---------------------------------------------------------------------------------
     async def complete(self, request: CompletionRequest) -> Completion:
@@ -153,7 +160,9 @@ class HFEngine:
                 if not works and not self._pending:
                     self._wakeup.clear()
                     await self._wakeup.wait()
-                new = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_rows - len(works)))]
+                if self.admission_gate is not None:
+                    await self.admission_gate()
+                new = self._take_pending(self.max_rows - len(works))
                 # grad mode and autocast are per thread and would leak into other tasks across an await: set
                 # them around the synchronous work only.
                 with torch.no_grad(), autocast(device, self.compute_dtype):
@@ -170,6 +179,12 @@ class HFEngine:
             self._fail(works + list(self._pending), RuntimeError("engine closed"))
             self._pending.clear()
             raise
+
+    def _take_pending(self, room: int) -> list[_Work]:
+        """Up to ``room`` waiting requests, by their ``order`` (not arrival: threads decide that)."""
+        ordered = sorted(self._pending, key=_admission_order)
+        self._pending = deque(ordered[room:])
+        return ordered[:room]
 
     @staticmethod
     def _fail(works: list[_Work], error: BaseException) -> None:

@@ -1,10 +1,12 @@
 """The token adapter: plays message-level envs through a sampling engine and records trajectories.
 
 Every episode runs on its own: it sends its sequence so far to the engine, stores the sampled ids verbatim,
-lets the env turn the decoded text into tool results (in a worker thread, so tools run while other
-episodes generate), tokenizes only the new observation messages and asks for its next turn at once. There
-is no turn barrier: the engine batches whichever episodes are waiting. Token budgets (per turn, per
-episode, context window) are enforced here, because the env only sees text.
+lets the env turn the decoded text into tool results (in a worker thread), tokenizes only the new
+observation messages and asks for its next turn at once. There is no turn barrier: the engine batches
+whichever episodes are waiting. A deterministic rollout (the default) makes a gated engine wait while env
+steps are in flight, so the batches, and with them a seeded run, repeat exactly; otherwise tools run while
+other episodes generate. Token budgets (per turn, per episode, context window) are enforced here, because
+the env only sees text.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from opd_agents.env.core import ToolEnv
 from opd_agents.env.registry import make_env
-from opd_agents.rollout.engine import Completion, CompletionRequest, SamplingEngine
+from opd_agents.rollout.engine import Completion, CompletionRequest, GatedEngine, SamplingEngine
 from opd_agents.rollout.renderer import Renderer
 from opd_agents.types import Message, SamplingParams, StopReason, Trajectory, Turn
 
@@ -101,6 +104,44 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     return box[0]
 
 
+class _EnvGate:
+    """Counts the episode slots doing env work (reset, tool calls, close) instead of waiting on the engine.
+    A gated engine admits new requests only when there are none, so which requests share a batch depends on
+    the seeds alone, not on how fast the env threads were. An engine resolves a completion inside its serving
+    step and yields before its next admission; asyncio runs the woken episode first, so it is counted busy
+    again before the engine looks."""
+
+    def __init__(self, on_episode_end: Callable[[Trajectory], None] | None) -> None:
+        self.busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.on_episode_end = on_episode_end
+        self.finished: list[tuple[int, Trajectory]] = []  # (position, episode) not yet handed on
+
+    def enter(self) -> None:
+        self.busy += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.busy -= 1
+        if self.busy == 0:
+            self._idle.set()
+
+    async def wait(self) -> None:
+        while self.busy:
+            await self._idle.wait()
+        self.hand_on()
+
+    def hand_on(self) -> None:
+        """Pass the episodes that ended since the last admission to ``on_episode_end``, by position: threads
+        decided the order they ended in, so a consumer that batches them (the scoring stream) would not
+        batch alike in every run otherwise."""
+        finished, self.finished = sorted(self.finished, key=lambda f: f[0]), []
+        if self.on_episode_end is not None:
+            for _, traj in finished:
+                self.on_episode_end(traj)
+
+
 class Rollout:
     """Plays episodes of one environment through a sampling engine; ``run(seeds)`` returns trajectories
     in the order of ``seeds``. ``max_episodes``: episodes in flight at once (a finished one frees its place
@@ -117,11 +158,14 @@ class Rollout:
         env_id: str | None = None,
         sampling_prompt: Callable[[Trajectory], list[int]] | None = None,
         online_teacher: OnlineTeacher | None = None,
+        deterministic: bool = True,
     ) -> None:
         """``sampling_prompt``: the prompt the policy samples from, if not the stored one (a privileged
         teacher playing the task sees extra context; the trajectory keeps the plain prompt, so it can be
         trained on off-policy). ``online_teacher``: scores every turn as it is sampled (rollout-time
-        truncation on divergence reads ``turn.divergence`` in ``turn_hook``)."""
+        truncation on divergence reads ``turn.divergence`` in ``turn_hook``). ``deterministic``: a gated engine
+        (HF) admits requests only while no env step is in flight, so a seeded rollout repeats bit for bit;
+        False lets slow tools (subprocess sandboxes, servers) overlap decoding instead."""
         if max_episodes < 1:
             raise ValueError(f"max_episodes must be >= 1, got {max_episodes}")
         self.online_teacher = online_teacher
@@ -135,6 +179,7 @@ class Rollout:
         self.env_id = env_id or "custom"
         self.sampling_prompt = sampling_prompt
         self._seed = self.sampling.seed
+        self.deterministic = deterministic
 
     @classmethod
     def for_env(cls, env_id: str, engine: SamplingEngine, env_kwargs: dict[str, Any] | None = None,
@@ -156,23 +201,40 @@ class Rollout:
         ``on_episode_end``: called with each finished trajectory at once (must not block: it runs on the
         rollout's event loop), e.g. to score it while the other episodes still play."""
         t0 = time.perf_counter()
-        slots = asyncio.Semaphore(self.max_episodes)
-        done: list[Trajectory] = []
+        todo = deque(enumerate(seeds, first_position))
+        played: dict[int, Trajectory] = {}
+        gate = _EnvGate(on_episode_end)
+        gated = self.deterministic and isinstance(self.engine, GatedEngine) and self.engine.admission_gate is None
         with Progress(TextColumn("rollout"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[status]}"), disable=not progress, transient=False) as bar:
             task = bar.add_task("episodes", total=len(seeds), status="")
 
-            async def one(position: int, seed: int) -> Trajectory:
-                async with slots:
-                    traj = await self._play(position, seed)
-                if on_episode_end is not None:
-                    on_episode_end(traj)
-                done.append(traj)
-                bar.update(task, completed=len(done), status=f"success {sum(t.success for t in done)}/{len(done)}")
-                return traj
+            async def worker() -> None:
+                # One of ``max_episodes`` episode slots: it takes the next seed the moment its episode ends, so
+                # the set of live episodes never has a gap the engine could see.
+                gate.enter()
+                try:
+                    while todo:
+                        position, seed = todo.popleft()
+                        traj = played[position] = await self._play(position, seed, gate)
+                        gate.finished.append((position, traj))
+                        if not gated:
+                            gate.hand_on()
+                        done = sum(t.success for t in played.values())
+                        bar.update(task, completed=len(played), status=f"success {done}/{len(played)}")
+                finally:
+                    gate.leave()
 
-            with ThreadPoolExecutor(max_workers=8, thread_name_prefix="opd-env") as self._pool:  # env steps
-                trajs = list(await asyncio.gather(*(one(i, s) for i, s in enumerate(seeds, first_position))))
+            if gated:
+                self.engine.admission_gate = gate.wait  # type: ignore[union-attr]
+            try:
+                with ThreadPoolExecutor(max_workers=8, thread_name_prefix="opd-env") as self._pool:  # env steps
+                    await asyncio.gather(*(worker() for _ in range(min(self.max_episodes, len(seeds)))))
+            finally:
+                if gated:
+                    self.engine.admission_gate = None  # type: ignore[union-attr]
+            gate.hand_on()
+        trajs = [played[p] for p in sorted(played)]
         wall = time.perf_counter() - t0
         for traj in trajs:
             traj.metrics["rollout_wall_s"] = wall
@@ -197,7 +259,7 @@ class Rollout:
             self._end(ep, StopReason.context_overflow, truncated=True)
         return ep
 
-    async def _play(self, position: int, seed: int) -> Trajectory:
+    async def _play(self, position: int, seed: int, gate: _EnvGate) -> Trajectory:
         loop = asyncio.get_running_loop()
         ep = await loop.run_in_executor(self._pool, self._start, seed)  # reset may build the task (slow)
         traj, online = ep.traj, self.online_teacher
@@ -206,10 +268,15 @@ class Rollout:
         try:
             while not ep.done:
                 budget, reason = _token_budget(ep, self.sampling)
-                completion = await self.engine.complete(CompletionRequest(
+                request = CompletionRequest(
                     prompt_ids=ids, max_tokens=budget, temperature=self.sampling.temperature,
                     top_p=self.sampling.top_p, seed=self._request_seed(position, seed, len(traj.turns)),
-                    session=traj.id))
+                    session=traj.id, order=position)
+                gate.leave()
+                try:
+                    completion = await self.engine.complete(request)
+                finally:
+                    gate.enter()
                 teacher_lps = None
                 if online is not None:
                     teacher_ids += completion.token_ids

@@ -10,7 +10,6 @@ sampled-token (or top-k) scoring. Whatever the source, the sampled-token logprob
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -120,31 +119,35 @@ def score_batch(teacher: Teacher, trajs: Sequence[Trajectory], need: Needs, top_
 
 class ScoringStream:
     """Scores episodes as they finish, while the rest of the rollout still plays (``Rollout.run``'s
-    ``on_episode_end``). One worker thread: whenever it is free it takes every episode that finished since
-    its last batch and scores them as one batch, so the teacher still batches and its pass over the first
-    episodes hides behind the generation of the last ones. ``result()`` waits for the rest."""
+    ``on_episode_end``): every ``chunk`` episodes, in the order they arrive, go to one worker thread as one
+    batch, so the teacher still batches and its pass over the first episodes hides behind the generation of
+    the last ones. The batches depend on the arrival order only (a deterministic rollout makes that the same
+    in every run), never on how busy the worker was: teacher numerics depend on what shares a batch.
+    ``result()`` scores the rest and waits."""
 
-    def __init__(self, teacher: Teacher, need: Needs, top_k: int) -> None:
-        self.teacher, self.need, self.top_k = teacher, need, top_k
+    def __init__(self, teacher: Teacher, need: Needs, top_k: int, chunk: int) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.teacher, self.need, self.top_k, self.chunk = teacher, need, top_k, chunk
         self._pending: list[Trajectory] = []
-        self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher")
         self._batches: list[Future[TeacherSignal]] = []
 
     def submit(self, traj: Trajectory) -> None:
-        with self._lock:
-            self._pending.append(traj)
-        self._batches.append(self._worker.submit(self._score_pending))
+        self._pending.append(traj)
+        if len(self._pending) >= self.chunk:
+            self._dispatch()
 
-    def _score_pending(self) -> TeacherSignal:
-        with self._lock:
-            batch, self._pending = self._pending, []
-        return score_batch(self.teacher, batch, self.need, self.top_k) if batch else TeacherSignal()
+    def _dispatch(self) -> None:
+        batch, self._pending = self._pending, []
+        self._batches.append(self._worker.submit(score_batch, self.teacher, batch, self.need, self.top_k))
 
     def result(self) -> TeacherSignal:
         """Every submitted episode's signal (a scoring error is raised here); the worker stops."""
         signal = TeacherSignal()
         try:
+            if self._pending:
+                self._dispatch()
             for batch in self._batches:
                 signal.merge(batch.result())
         finally:

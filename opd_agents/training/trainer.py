@@ -109,7 +109,7 @@ class Trainer:
         self.rollout = Rollout(make_engine(cfg.rollout.engine, model=self.sampler, renderer=self.renderer,
                                            compute_dtype=compute_dtype, **server),
                                self.env_factory, self.sampling, model_id=cfg.student.model, env_id=cfg.env.id,
-                               max_episodes=cfg.rollout.max_episodes)
+                               max_episodes=cfg.rollout.max_episodes, deterministic=cfg.rollout.deterministic)
         self.privileged = privileged_reference(self.env_factory) if cfg.teacher.privileged else None
         self.teacher = build_teacher(cfg, self.env_factory, self.tokenizer, self.renderer, self.privileged,
                                      self.device, self.console, self.dist)
@@ -280,7 +280,9 @@ class Trainer:
         if on_policy:
             # Without an online teacher, finished episodes are scored while the others still play.
             if self.scoring_overlap and need != "none" and self.rollout.online_teacher is None:
-                stream = ScoringStream(self.teacher, need, top_k)
+                # Two batches or more per step: the first one's pass hides behind the rest of the rollout.
+                chunk = min(cfg.teacher.batch_size, -(-len(seeds) // 2))
+                stream = ScoringStream(self.teacher, need, top_k, chunk=max(1, chunk))
             try:
                 trajs = self.rollout.run(seeds, first_position=mine.start * tc.group_size,
                                          on_episode_end=stream.submit if stream else None)
