@@ -44,6 +44,7 @@ class ScoreRequest:
     session: str | None = None
     keep_logits: bool = False  # also return the fp32 logits at the scored positions [n, V]
     keep_topk: int = 0  # also return the top-k ids at the scored positions
+    order: int = 0  # as ``CompletionRequest.order``: requests admitted together are batched in this order
 
 
 @dataclass
@@ -60,10 +61,6 @@ class _Work:
     generator: torch.Generator | None = None
     sampled: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-
-
-def _admission_order(work: _Work) -> int:
-    return work.request.order if isinstance(work.request, CompletionRequest) else 0
 
 
 def _ids_and_need(req: CompletionRequest | ScoreRequest) -> tuple[list[int], int]:
@@ -182,7 +179,9 @@ class HFEngine:
 
     def _take_pending(self, room: int) -> list[_Work]:
         """Up to ``room`` waiting requests, by their ``order`` (not arrival: threads decide that)."""
-        ordered = sorted(self._pending, key=_admission_order)
+        if not self._pending:  # the common case on a decode step
+            return []
+        ordered = sorted(self._pending, key=lambda w: w.request.order)
         self._pending = deque(ordered[room:])
         return ordered[:room]
 

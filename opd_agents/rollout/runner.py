@@ -203,6 +203,7 @@ class Rollout:
         t0 = time.perf_counter()
         todo = deque(enumerate(seeds, first_position))
         played: dict[int, Trajectory] = {}
+        wins = 0
         gate = _EnvGate(on_episode_end)
         gated = self.deterministic and isinstance(self.engine, GatedEngine) and self.engine.admission_gate is None
         with Progress(TextColumn("rollout"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -210,6 +211,7 @@ class Rollout:
             task = bar.add_task("episodes", total=len(seeds), status="")
 
             async def worker() -> None:
+                nonlocal wins
                 # One of ``max_episodes`` episode slots: it takes the next seed the moment its episode ends, so
                 # the set of live episodes never has a gap the engine could see.
                 gate.enter()
@@ -220,8 +222,8 @@ class Rollout:
                         gate.finished.append((position, traj))
                         if not gated:
                             gate.hand_on()
-                        done = sum(t.success for t in played.values())
-                        bar.update(task, completed=len(played), status=f"success {done}/{len(played)}")
+                        wins += traj.success
+                        bar.update(task, completed=len(played), status=f"success {wins}/{len(played)}")
                 finally:
                     gate.leave()
 

@@ -281,8 +281,8 @@ class Trainer:
             # Without an online teacher, finished episodes are scored while the others still play.
             if self.scoring_overlap and need != "none" and self.rollout.online_teacher is None:
                 # Two batches or more per step: the first one's pass hides behind the rest of the rollout.
-                chunk = min(cfg.teacher.batch_size, -(-len(seeds) // 2))
-                stream = ScoringStream(self.teacher, need, top_k, chunk=max(1, chunk))
+                chunk = max(1, min(cfg.teacher.batch_size, -(-len(seeds) // 2)))
+                stream = ScoringStream(self.teacher, need, top_k, chunk=chunk)
             try:
                 trajs = self.rollout.run(seeds, first_position=mine.start * tc.group_size,
                                          on_episode_end=stream.submit if stream else None)
