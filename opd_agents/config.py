@@ -143,7 +143,7 @@ class TrainLoopConfig(_Strict):
     dtype: Literal["auto", "float32", "bf16-mixed", "bfloat16"] = Field("auto", description=(
         "the student's weights / compute: float32; bf16-mixed (fp32 weights and optimizer, forwards under bf16 "
         "autocast); bfloat16 (bf16 weights: half the memory, but AdamW updates far below a weight's magnitude "
-        "round away); auto = bf16-mixed on a GPU, float32 on the CPU"))
+        "round away); auto = bf16-mixed where bf16 matmuls are native (GPUs, CPUs with AMX), else float32"))
     on_policy_fraction: float = Field(1.0, ge=0.0, le=1.0, description="GKD lambda: share of on-policy batches")
     off_policy_source: Literal["teacher", "expert"] = "teacher"
     teacher_rollouts_per_task: int = Field(1, gt=0, description="best-of-N teacher trajectories; 1 = plain OPD")

@@ -7,12 +7,17 @@ test run; tiny random models are built per session under pytest's tmp dir.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd_agents.models import build_tiny_model, load_model, resolve_model, tokenizer_dir
+
+# ``dtype: auto`` means bf16 on CPUs with AMX (opd_agents.models.native_bf16): the suite tests the same fp32
+# arithmetic on every CI machine (subprocesses inherit this); bf16 tests ask for it explicitly.
+os.environ["OPD_AGENTS_NATIVE_BF16"] = "0"
 
 
 @pytest.fixture(scope="session")

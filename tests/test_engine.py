@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
 import pytest
@@ -12,7 +13,9 @@ from opd_agents.errors import ConfigError
 from opd_agents.models import load_model
 from opd_agents.rollout.engine import CompletionRequest, SamplingEngine, engine_names, make_engine
 from opd_agents.rollout.hf_engine import HFEngine, ScoreRequest, _sample
+from opd_agents.rollout.kv import weights_version
 from opd_agents.rollout.renderer import ChatMLRenderer
+from opd_agents.training.policy import adamw
 from tests.test_rollout import EchoEverything
 
 
@@ -107,6 +110,57 @@ def test_new_episodes_share_one_prompt_prefix_and_it_follows_the_weights(engine:
     assert engine.tokens_shared == 5 * len(shared)  # recomputed once for the new weights
     for p, c in zip(prompts, later, strict=True):
         assert c.logprobs == pytest.approx(fresh_logprobs(engine.model, p + c.token_ids, 4), abs=1e-4)
+
+
+def test_mixed_precision_decodes_with_a_bf16_copy_that_follows_the_weights(tiny_model_dir: Any) -> None:
+    """With a compute dtype the engine samples from a bf16 copy of the weights (buffers untouched), equal to
+    a bf16 forward of the model; an in-place change of the model's weights reaches the copy before the next
+    forward, without a load_weights call."""
+    model, tok = load_model(tiny_model_dir)
+    eng = make_engine("hf", model=model, renderer=ChatMLRenderer(tok, EchoEverything(stop_strings=())),
+                      compute_dtype=torch.bfloat16)
+    assert eng.runner is not model
+    assert {p.dtype for p in eng.runner.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in eng.runner.buffers()} == {b.dtype for b in model.buffers()}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the trained weights stay fp32
+    prompt = list(range(300, 330))
+
+    def bf16_logprobs(ids: list[int], n: int) -> list[float]:
+        reference = copy.deepcopy(model).to(torch.bfloat16)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return fresh_logprobs(reference, ids, n)
+
+    try:
+        before = asyncio.run(eng.complete(CompletionRequest(prompt, max_tokens=5, seed=0)))
+        assert before.logprobs == pytest.approx(bf16_logprobs(prompt + before.token_ids, 5), abs=2e-2)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.3)
+        after = asyncio.run(eng.complete(CompletionRequest(prompt, max_tokens=5, seed=0)))
+        assert after.logprobs == pytest.approx(bf16_logprobs(prompt + after.token_ids, 5), abs=2e-2)
+        assert after.logprobs != before.logprobs
+        torch.testing.assert_close(next(eng.runner.parameters()).float(), next(model.parameters()),
+                                   rtol=1e-2, atol=0)
+    finally:
+        eng.close()
+
+
+def test_an_optimizer_step_reaches_the_bf16_copy(tiny_model_dir: Any) -> None:
+    """The trainer's fused AdamW writes the weights in one kernel that bumps no version counter by itself;
+    ``adamw`` bumps them, so the engine's copy (and every cache keyed on ``weights_version``) follows a
+    step even without a load_weights call."""
+    model, tok = load_model(tiny_model_dir)
+    eng = make_engine("hf", model=model, renderer=ChatMLRenderer(tok, EchoEverything(stop_strings=())),
+                      compute_dtype=torch.bfloat16)
+    opt = adamw(list(model.parameters()), lr=0.5)
+    before = weights_version(model)
+    model(torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    opt.step()
+    assert weights_version(model) > before
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eng._sync_runner()
+    torch.testing.assert_close(next(eng.runner.parameters()).float(), next(model.parameters()), rtol=1e-2, atol=0)
+    eng.close()
 
 
 def test_weights_served_over_http_arrive_byte_for_byte(tmp_path: Any) -> None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from opd_agents.env.registry import make_env
 from opd_agents.teacher.sft import build_sft_teacher
@@ -14,10 +15,10 @@ from opd_agents.teacher.sft import build_sft_teacher
 ENV = "opd_agents/Arithmetic-v0"
 
 
-def build(model: Path, out: Path, difficulty: int) -> Path:
+def build(model: Path, out: Path, difficulty: int, compute_dtype: torch.dtype | None = None) -> Path:
     factory = lambda: make_env(ENV, difficulty=difficulty).unwrapped  # noqa: E731
     return build_sft_teacher(str(model), factory, ENV, factory().parser, out, episodes=2, steps=2, batch_size=2,
-                             lr=1e-3, seed=0, env_kwargs={"difficulty": difficulty})
+                             lr=1e-3, seed=0, env_kwargs={"difficulty": difficulty}, compute_dtype=compute_dtype)
 
 
 def test_sft_teacher_is_reused_only_for_the_same_settings(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -33,6 +34,10 @@ def test_sft_teacher_is_reused_only_for_the_same_settings(tmp_path: Path, tiny_m
 
     build(tiny_model_dir, out, 2)  # another difficulty is another teacher: rebuilt
     assert json.loads((out / "opd_sft_teacher.json").read_text())["settings"]["env_kwargs"] == {"difficulty": 2}
+    fp32_weights = (out / "model.safetensors").read_bytes()
+    build(tiny_model_dir, out, 2, torch.bfloat16)  # trained under bf16 autocast: another teacher, rebuilt
+    assert json.loads((out / "opd_sft_teacher.json").read_text())["settings"]["compute_dtype"] == "bfloat16"
+    assert (out / "model.safetensors").read_bytes() != fp32_weights
     assert not list(tmp_path.glob(".teacher.*"))  # no half-written temp dirs left behind
 
 
@@ -54,8 +59,6 @@ def test_a_killed_writers_temp_dir_is_removed_a_live_ones_kept(tmp_path: Path, t
 
 def test_micro_batches_accumulate_to_the_same_step(tiny_model_dir: Path) -> None:
     """One episode per forward/backward gives the whole batch's loss and update (memory bound, same math)."""
-    import torch
-
     from opd_agents.rollout.expert import play_expert
     from opd_agents.models import load_model
     from opd_agents.rollout.renderer import ChatMLRenderer

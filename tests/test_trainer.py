@@ -297,9 +297,25 @@ def test_tis_needs_untempered_sampling_and_engines_are_checked(tmp_path: Path, t
 def test_pick_device_keeps_fp32_weights_under_mixed_precision() -> None:
     from opd_agents.training.components import pick_device
 
-    assert pick_device("cpu", "auto") == (torch.device("cpu"), torch.float32, None)
+    assert pick_device("cpu", "auto") == (torch.device("cpu"), torch.float32, None)  # the suite: no native bf16
     assert pick_device("cpu", "bf16-mixed") == (torch.device("cpu"), torch.float32, torch.bfloat16)
     assert pick_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16, None)
+
+
+def test_auto_computes_in_bf16_where_the_cpu_multiplies_it_natively(monkeypatch: pytest.MonkeyPatch,
+                                                                     tiny_model_dir: Path) -> None:
+    """On an AMX CPU ``auto`` is bf16-mixed for the student and bf16 weights for the frozen teacher."""
+    from opd_agents.teacher import make_teacher
+    from opd_agents.training.components import pick_device
+
+    monkeypatch.setenv("OPD_AGENTS_NATIVE_BF16", "1")
+    assert pick_device("cpu", "auto") == (torch.device("cpu"), torch.float32, torch.bfloat16)
+    assert pick_device("cpu", "float32") == (torch.device("cpu"), torch.float32, None)
+    teacher = make_teacher({"backend": "hf", "model": str(tiny_model_dir), "dtype": "auto"})
+    assert next(teacher.model.parameters()).dtype == torch.bfloat16
+    monkeypatch.setenv("OPD_AGENTS_NATIVE_BF16", "0")
+    teacher = make_teacher({"backend": "hf", "model": str(tiny_model_dir), "dtype": "auto"})
+    assert next(teacher.model.parameters()).dtype == torch.float32
 
 
 def test_bf16_mixed_keeps_the_small_updates_bf16_weights_round_away(tmp_path: Path, tiny_model_dir: Path,

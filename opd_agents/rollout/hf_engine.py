@@ -22,6 +22,7 @@ slower — the engine's and the trainer's alike (measured: bench/engine_threads.
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -75,9 +76,15 @@ class HFEngine:
 
     def __init__(self, model: PreTrainedModel, renderer: Renderer, max_rows: int = 64,
                  compute_dtype: torch.dtype | None = None) -> None:
-        """``compute_dtype``: run forwards under autocast in this dtype (the trainer's mixed precision)."""
+        """``compute_dtype``: run forwards in this dtype (the trainer's mixed precision), on a copy of the
+        weights in it that follows the model's (``runner``)."""
         self.model = model.eval()
         self.compute_dtype = compute_dtype
+        # Under mixed precision forwards run on a copy of the weights in the compute dtype, brought up to date
+        # whenever the model's change: autocast alone would cast every weight again at every token step (on
+        # an AMX CPU that is slower than fp32: SmolLM2, 8 rows, 193 ms per step vs 139 ms; bf16 weights 80 ms).
+        self.runner = _low_precision_copy(model, compute_dtype) if compute_dtype is not None else self.model
+        self._runner_version = weights_version(model)
         self.renderer = renderer
         tok = renderer.tokenizer
         self.pad_token_id = int(tok.pad_token_id if tok.pad_token_id is not None else renderer.eot_id)
@@ -122,6 +129,17 @@ class HFEngine:
         with self._lock:
             self._sessions.clear()
         self._prefix = None
+        self._sync_runner(force=True)
+
+    def _sync_runner(self, force: bool = False) -> None:
+        """Copy the model's weights into the runner when they changed since the last copy (or ``force``)."""
+        version = weights_version(self.model)
+        if self.runner is self.model or (version == self._runner_version and not force):
+            return
+        with torch.no_grad():
+            for low, full in zip(self.runner.parameters(), self.model.parameters(), strict=True):
+                low.copy_(full)
+        self._runner_version = version
 
     def close(self) -> None:
         task, self._task = self._task, None
@@ -148,7 +166,7 @@ class HFEngine:
     async def _serve(self) -> None:
         """Admit what is waiting, decode one token for every running row, yield so that episodes can send
         their next requests; sleep while there is nothing to do."""
-        running = KVBatch(self.model, self.pad_token_id)
+        running = KVBatch(self.runner, self.pad_token_id)
         works: list[_Work] = []
         device = next(self.model.parameters()).device
         assert self._wakeup is not None
@@ -164,13 +182,14 @@ class HFEngine:
                 # them around the synchronous work only.
                 with torch.no_grad(), autocast(device, self.compute_dtype):
                     try:
+                        self._sync_runner()
                         if new:
                             running, works = self._admit(new, running, works)
                         if works:
                             running, works = self._decode(running, works)
                     except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the engine
                         self._fail(works + new, e)
-                        running, works = KVBatch(self.model, self.pad_token_id), []
+                        running, works = KVBatch(self.runner, self.pad_token_id), []
                 await asyncio.sleep(0)
         except asyncio.CancelledError:  # closed, or its loop shut down
             self._fail(works + list(self._pending), RuntimeError("engine closed"))
@@ -228,7 +247,7 @@ class HFEngine:
         if prefix is None and len(fresh) > 1:
             n = min(common_prefix_len([resumed[i][1] for i in fresh]), limit)
             if n >= MIN_SHARED_PREFIX:
-                batch = KVBatch.from_sessions(self.model, self.pad_token_id, [None])
+                batch = KVBatch.from_sessions(self.runner, self.pad_token_id, [None])
                 batch.extend([resumed[fresh[0]][1][:n]])
                 self.tokens_fed += n
                 self.tokens_shared -= n  # net saving: the rows below take it n ids each
@@ -242,7 +261,7 @@ class HFEngine:
     def _admit(self, new: list[_Work], running: KVBatch, works: list[_Work]) -> tuple[KVBatch, list[_Work]]:
         resumed = [self._resume(w) for w in new]
         self._share_prefix(new, resumed)
-        batch = KVBatch.from_sessions(self.model, self.pad_token_id, [s for s, _ in resumed])
+        batch = KVBatch.from_sessions(self.runner, self.pad_token_id, [s for s, _ in resumed])
         suffixes = [ids for _, ids in resumed]
         keep_last = max(_ids_and_need(w.request)[1] for w in new)
         self.tokens_fed += sum(len(s) for s in suffixes)
@@ -341,6 +360,17 @@ def _top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p[:, None]
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+
+
+def _low_precision_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen copy of ``model`` with its parameters in ``dtype`` (buffers such as rotary frequencies stay
+    as they are: rounding them would move every position)."""
+    runner = copy.deepcopy(model).eval()
+    for param in runner.parameters():
+        param.requires_grad_(False)
+        param.grad = None
+        param.data = param.data.to(dtype)
+    return runner
 
 
 @register_engine("hf")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from opd_agents.models import resolve_model
+from opd_agents.models import native_bf16, resolve_model
 from opd_agents.rollout.renderer import Renderer
 from opd_agents.teacher.base import (
     PrivilegedFn,
@@ -49,7 +49,8 @@ def make_teacher(
     one fails here."""
     cfg = spec if isinstance(spec, TeacherConfig) else TeacherConfig.model_validate(dict(spec))
     if cfg.backend == "hf":
-        teacher = HFTeacher(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype), batch_size=cfg.batch_size,
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if native_bf16(torch.device(cfg.device)) else "float32")
+        teacher = HFTeacher(cfg.model, device=cfg.device, dtype=getattr(torch, dtype), batch_size=cfg.batch_size,
                             renderer=renderer, privileged=privileged, teacher_id=cfg.teacher_id)
         if student_tokenizer is not None:
             check_same_tokenizer(student_tokenizer, teacher.tokenizer)

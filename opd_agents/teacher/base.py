@@ -263,7 +263,9 @@ class TeacherConfig(BaseModel):
     teacher_id: str | None = Field(None, description="recorded on scored turns; default: the model")
     # hf
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description=(
+        "hf: the teacher's weights (it is frozen: no optimizer to protect); auto = bfloat16 where bf16 matmuls "
+        "are native (GPUs, CPUs with AMX), else float32; vllm: passed to vLLM"))
     batch_size: int = Field(8, gt=0)
     # server
     api_base: str | list[str] | None = Field(None, description=(

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd_agents.config import RunConfig
 from opd_agents.env.core import ToolEnv
-from opd_agents.models import load_model
+from opd_agents.models import load_model, native_bf16
 from opd_agents.rollout.renderer import Renderer
 from opd_agents.teacher.sft import build_sft_teacher
 from opd_agents.training.distributed import Dist
@@ -25,12 +25,13 @@ from opd_agents.types import Trajectory
 
 def pick_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype, torch.dtype | None]:
     """The device, the trained weights' dtype and the dtype forwards compute in under autocast (None: the
-    weights' own). auto: CUDA when present; on a GPU fp32 weights with bf16 compute (mixed precision:
-    AdamW's small updates would round away in bf16 weights), on the CPU plain fp32."""
+    weights' own). auto: CUDA when present; where the device multiplies bf16 natively (GPUs, AMX CPUs) fp32
+    weights with bf16 compute (mixed precision: AdamW's small updates would round away in bf16 weights),
+    elsewhere plain fp32 (bf16 would be emulated: slower, not faster)."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     if dtype == "auto":
-        dtype = "bf16-mixed" if dev.type == "cuda" else "float32"
+        dtype = "bf16-mixed" if native_bf16(dev) else "float32"
     if dtype == "bf16-mixed":
         return dev, torch.float32, torch.bfloat16
     return dev, getattr(torch, dtype), None
@@ -83,7 +84,8 @@ def privileged_reference(env_factory: Callable[[], ToolEnv]) -> PrivilegedFn:
 
 def build_teacher(cfg: RunConfig, env_factory: Callable[[], ToolEnv], student_tok: PreTrainedTokenizerBase,
                   renderer: Renderer, privileged: PrivilegedFn | None, device: torch.device,
-                  console: Console, dist: Dist = Dist()) -> Teacher:
+                  console: Console, dist: Dist = Dist(), compute_dtype: torch.dtype | None = None) -> Teacher:
+    """The run's teacher; an SFT teacher is trained first (``compute_dtype``: the run's mixed precision)."""
     tcfg = cfg.teacher.backend_config()
     if cfg.teacher.sft_from_expert is not None:
         sft = cfg.teacher.sft_from_expert
@@ -92,7 +94,8 @@ def build_teacher(cfg: RunConfig, env_factory: Callable[[], ToolEnv], student_to
         path = build_sft_teacher(cfg.teacher.model, env_factory, cfg.env.id, renderer.parser,
                                  Path(cfg.run_dir) / "sft_teacher", sft.episodes, sft.steps, sft.batch_size,
                                  sft.lr, cfg.seed, log=console.print, env_kwargs=cfg.env.kwargs,
-                                 chat_template=cfg.student.chat_template, device=device)
+                                 chat_template=cfg.student.chat_template, device=device,
+                                 compute_dtype=compute_dtype)
         if dist.is_main:
             dist.barrier()
         tcfg = tcfg.model_copy(update={"model": str(path)})

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 from transformers import PreTrainedModel
 
 from opd_agents.rollout.kv import (MIN_SHARED_PREFIX, KVSession, autocast, common_prefix_len, forward_shared_prefix,
@@ -164,9 +165,15 @@ def assistant_batch(model: PreTrainedModel | torch.nn.Module, views: Sequence[Tr
 def adamw(params: Sequence[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
     """AdamW without weight decay, fused (one kernel for all tensors) where torch has it for the device."""
     try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
     except (RuntimeError, ValueError):  # a device / dtype without a fused kernel
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # The fused kernel writes the weights without bumping their version counters (torch 2.13), and what
+    # follows the weights by version (``weights_version``: an engine's bf16 copy, cached prompt prefixes)
+    # would miss the step.
+    opt.register_step_post_hook(lambda optimizer, args, kwargs: increment_version(
+        [p for group in optimizer.param_groups for p in group["params"]]))
+    return opt
 
 
 def cross_entropy(batch: AssistantBatch, weighted: bool = False, denominator: float | None = None) -> Tensor:

@@ -112,7 +112,7 @@ class Trainer:
                                max_episodes=cfg.rollout.max_episodes, deterministic=cfg.rollout.deterministic)
         self.privileged = privileged_reference(self.env_factory) if cfg.teacher.privileged else None
         self.teacher = build_teacher(cfg, self.env_factory, self.tokenizer, self.renderer, self.privileged,
-                                     self.device, self.console, self.dist)
+                                     self.device, self.console, self.dist, compute_dtype)
         self.scoring_overlap = scores_while_rolling_out(cfg, self.device)
         self.policies = cfg.divergence.build()
         self._setup_rollout_policies()
