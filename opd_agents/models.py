@@ -76,7 +76,7 @@ def cache_dir() -> Path:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices natively (a CUDA GPU with bf16; a CPU with AMX tiles), so
-    bf16 compute is a speedup there, not an emulation (AMX here: a 512x576x1536 product 6.4x faster than fp32,
+    bf16 compute is a speedup there, not an emulation (AMX here: a 512x576x1536 product 3.7x faster than fp32,
     bench/bf16_cpu.py). ``OPD_AGENTS_NATIVE_BF16=0`` (or ``1``) overrides the detection: the test suite runs
     the fp32 defaults on any CPU with it."""
     forced = os.environ.get("OPD_AGENTS_NATIVE_BF16")

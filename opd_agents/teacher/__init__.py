@@ -49,7 +49,9 @@ def make_teacher(
     one fails here."""
     cfg = spec if isinstance(spec, TeacherConfig) else TeacherConfig.model_validate(dict(spec))
     if cfg.backend == "hf":
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if native_bf16(torch.device(cfg.device)) else "float32")
+        dtype = cfg.dtype
+        if dtype == "auto":  # frozen weights: bf16 loses no updates, only rounding
+            dtype = "bfloat16" if native_bf16(torch.device(cfg.device)) else "float32"
         teacher = HFTeacher(cfg.model, device=cfg.device, dtype=getattr(torch, dtype), batch_size=cfg.batch_size,
                             renderer=renderer, privileged=privileged, teacher_id=cfg.teacher_id)
         if student_tokenizer is not None:
