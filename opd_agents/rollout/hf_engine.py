@@ -133,8 +133,10 @@ class HFEngine:
 
     def _sync_runner(self, force: bool = False) -> None:
         """Copy the model's weights into the runner when they changed since the last copy (or ``force``)."""
+        if self.runner is self.model:  # fp32: nothing to follow (checked first: this runs every engine step)
+            return
         version = weights_version(self.model)
-        if self.runner is self.model or (version == self._runner_version and not force):
+        if version == self._runner_version and not force:
             return
         with torch.no_grad():
             for low, full in zip(self.runner.parameters(), self.model.parameters(), strict=True):

@@ -40,7 +40,7 @@ def sft_train(model: PreTrainedModel, trajs: Sequence[Trajectory], pad_token_id:
     views = [TrainingView.from_trajectory(t) for t in trajs]
     opt = adamw([p for p in model.parameters() if p.requires_grad], lr)
     micro = micro_batch_size or batch_size
-    trained = StudentLogits(model, compute_dtype) if compute_dtype is not None else model
+    trained = StudentLogits(model, compute_dtype)  # what assistant_batch wraps a bare model in, plus the dtype
     model.train()
     losses = []
     for _ in range(steps):
