@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from opd_agents.allocator import map_large_blocks
 from opd_agents.env.core import HELDOUT_SEED_START
 from opd_agents.errors import OpdError
 from opd_agents.env.registry import SHIPPED_ENVS, make_env, plugin_envs
@@ -26,7 +27,8 @@ console = Console()
 
 
 @app.callback()
-def _from_working_dir() -> None:
+def _process_setup() -> None:
+    map_large_blocks()  # freed tensors go back to the OS: peak memory is what is live, not what was
     # `--env my_envs:CapitalsEnv` names the user's own module: import it from the working directory, as
     # `python -m` does (a console script's sys.path starts at its bin dir).
     if os.getcwd() not in sys.path:

@@ -10,10 +10,14 @@ import torch
 
 from opd_agents.config import parse_config
 from opd_agents.errors import ConfigError
+from opd_agents.training.chunked import per_position
 from opd_agents.training.losses import (
     LOSSES as REGISTRY,
     SFT,
     LossOutput,
+    _aggregate,
+    _generalized_jsd,
+    _kl,
     forward_kl_loss,
     generalized_jsd_loss,
     grpo_advantages,
@@ -379,3 +383,57 @@ def test_a_registered_loss_is_a_loss_kind() -> None:
             select_loss("tvd", 4, True, False)
     finally:
         del REGISTRY[("tvd", "logits")]
+
+
+# ------------------------------------------------------------------------------ chunked over positions
+FULL_VOCAB: dict[str, tuple[Callable[..., LossOutput], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
+    "forward_kl": (forward_kl_loss, lambda lp_s, lp_t: _kl(lp_t, lp_s)),
+    "reverse_kl": (reverse_kl_full_loss, _kl),
+    "jsd": (lambda s, t, m, w: generalized_jsd_loss(s, t, m, 0.3, w), lambda lp_s, lp_t: _generalized_jsd(lp_s, lp_t, 0.3)),
+}
+
+
+def _saving(fn: Callable[[], LossOutput]) -> tuple[LossOutput, int]:
+    """``fn()`` and the number of elements autograd saved for its backward."""
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = fn()
+    return out, sum(saved)
+
+
+@pytest.mark.parametrize("kind", FULL_VOCAB)
+def test_full_vocab_losses_equal_over_chunks_of_positions(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 rows x 7 positions in chunks of 4 (a chunk spans two rows) vs the formula over all 21 at once: the
+    same loss and gradient, and the chunked pass keeps only its inputs for the backward."""
+    loss_fn, divergence = FULL_VOCAB[kind]
+    teacher = rand_logits(3, 7, 11, seed=1)
+    mask = (torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) > 0.3).to(D)
+    weights = torch.rand(3, 7, dtype=D, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(per_position, "__defaults__", (4,))
+    student = rand_logits(3, 7, 11, seed=0).requires_grad_()
+    chunked, chunked_saved = _saving(lambda: loss_fn(student, teacher, mask, weights))
+    whole, whole_saved = _saving(lambda: LossOutput(_aggregate(
+        divergence(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)), mask, weights)))
+    (chunked_grad,) = torch.autograd.grad(chunked.loss, student)
+    (whole_grad,) = torch.autograd.grad(whole.loss, student)
+    torch.testing.assert_close(chunked.loss, whole.loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(chunked_grad, whole_grad, rtol=0, atol=1e-12)
+    inputs = student.numel() + teacher.numel() + mask.numel() + weights.numel()
+    assert chunked_saved < inputs + student.numel() <= whole_saved  # not one [positions, V] intermediate kept
+
+
+def test_sampled_logprobs_equal_over_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    logits = rand_logits(2, 5, 9, seed=4).requires_grad_()
+    targets = torch.randint(0, 9, (2, 5), generator=torch.Generator().manual_seed(5))
+    expected = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    monkeypatch.setattr(per_position, "__defaults__", (3,))
+    got = per_position(lambda x, t: torch.log_softmax(x, -1).gather(-1, t.unsqueeze(-1)).squeeze(-1), logits, targets)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    (g_expected,) = torch.autograd.grad(expected.sum(), logits)
+    (g_got,) = torch.autograd.grad(got.sum(), logits)
+    torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
+
+
+def test_per_position_rejects_misaligned_tensors() -> None:
+    with pytest.raises(ValueError, match="leading dims"):
+        per_position(lambda a, b: a.sum(-1), torch.zeros(2, 3, 4), torch.zeros(2, 4, 4))

@@ -279,6 +279,25 @@ def test_few_rows_linear_equals_f_linear(rows: int, in_features: int, out_featur
     assert few.weight.grad is not None and few.weight.grad.shape == few.weight.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sliced_input_runs_as_one_matrix_product(dtype: torch.dtype) -> None:
+    """The LM head under ``logits_to_keep`` reads ``hidden[:, -1:]`` of a prefill: F.linear would run it as a
+    batched product over a copy of the weight per row (``bmm`` over an expanded weight: 1.6 GB, seconds, for 32
+    rows of SmolLM2's head); here one ``mm``, with F.linear's values, with autograd on and off."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    few = models.use_few_rows_linears(torch.nn.Sequential(torch.nn.Linear(64, 512)))[0].to(dtype)
+    hidden = torch.randn(32, 7, 64, dtype=dtype)
+    want = torch.nn.functional.linear(hidden[:, -1:].contiguous(), few.weight, few.bias)
+    for grad in (False, True):
+        with profile() as prof, torch.set_grad_enabled(grad):
+            got = few(hidden[:, -1:])
+        ops = {e.name for e in prof.events()}
+        assert "aten::bmm" not in ops and ops & {"aten::mm", "aten::addmm"}
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_loaded_models_use_few_rows_linears(tiny_model_dir: Path) -> None:
     model, _ = load_model(tiny_model_dir)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]

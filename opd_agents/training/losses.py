@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from opd_agents.errors import ConfigError
+from opd_agents.training.chunked import per_position
 from opd_agents.training.policies.base import Needs
 from opd_agents.training.policy import AssistantBatch, cross_entropy
 
@@ -229,9 +230,14 @@ def grpo_advantages(
 # full-vocabulary divergences (in-process teacher)
 
 
-def _full_log_softmaxes(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """(log p_S, log p_T) over the full vocabulary; the teacher never receives gradient."""
-    return _log_softmax(student_logits, temperature), _log_softmax(teacher_logits.detach(), temperature)
+def _full_vocab(divergence: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor, teacher_logits: Tensor,
+                temperature: float) -> Tensor:
+    """``divergence(log p_S, log p_T)`` per position [B, T] over the full vocabulary, a chunk of positions at
+    a time (``chunked.per_position``: autograd keeps the logits, not the [B, T, V] intermediates); the teacher
+    never receives gradient."""
+    def chunk(student: Tensor, teacher: Tensor) -> Tensor:
+        return divergence(_log_softmax(student, temperature), _log_softmax(teacher.detach(), temperature))
+    return per_position(chunk, student_logits, teacher_logits)
 
 
 def forward_kl_loss(
@@ -245,8 +251,8 @@ def forward_kl_loss(
 
     Logits [B, T, V], already aligned so position t predicts token t. Both are divided by temperature.
     """
-    logp_s, logp_t = _full_log_softmaxes(student_logits, teacher_logits, temperature)
-    return _divergence_output(_kl(logp_t, logp_s), mask, weights)
+    per_token = _full_vocab(lambda logp_s, logp_t: _kl(logp_t, logp_s), student_logits, teacher_logits, temperature)
+    return _divergence_output(per_token, mask, weights)
 
 
 def reverse_kl_full_loss(
@@ -257,8 +263,7 @@ def reverse_kl_full_loss(
     temperature: float = 1.0,
 ) -> LossOutput:
     """Full-vocabulary reverse KL(p_S || p_T) = sum_v p_S (log p_S - log p_T) per position (mode seeking)."""
-    logp_s, logp_t = _full_log_softmaxes(student_logits, teacher_logits, temperature)
-    return _divergence_output(_kl(logp_s, logp_t), mask, weights)
+    return _divergence_output(_full_vocab(_kl, student_logits, teacher_logits, temperature), mask, weights)
 
 
 def generalized_jsd_loss(
@@ -276,8 +281,10 @@ def generalized_jsd_loss(
     both endpoints are special-cased because the mixture formula itself goes to 0 there. For
     0 < beta < 1 the value is at most the binary entropy of beta (<= log 2).
     """
-    logp_s, logp_t = _full_log_softmaxes(student_logits, teacher_logits, temperature)
-    return _divergence_output(_generalized_jsd(logp_s, logp_t, beta), mask, weights)
+    _check_beta(beta)
+    per_token = _full_vocab(lambda logp_s, logp_t: _generalized_jsd(logp_s, logp_t, beta), student_logits,
+                            teacher_logits, temperature)
+    return _divergence_output(per_token, mask, weights)
 
 
 # ---------------------------------------------------------------------------------------------------

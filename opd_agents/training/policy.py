@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from opd_agents.rollout.kv import (MIN_SHARED_PREFIX, KVSession, autocast, common_prefix_len, forward_shared_prefix,
                                   run_prefix)
+from opd_agents.training.chunked import per_position
 from opd_agents.training.view import TrainingView, collate
 
 
@@ -33,9 +34,13 @@ class AssistantBatch:
 
     @property
     def logprobs(self) -> Tensor:
-        """log pi_theta of the sampled tokens [B, N] (with grad)."""
-        logp = torch.log_softmax(self.logits.float(), dim=-1)
-        return logp.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)
+        """log pi_theta of the sampled tokens [B, N] (with grad; a chunk of positions at a time, so the
+        [B, N, V] log-softmax never exists whole)."""
+        return per_position(_sampled_logprobs, self.logits, self.targets)
+
+
+def _sampled_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def pad_rows(rows: Sequence[Tensor], width: int, value: float = 0.0) -> Tensor:

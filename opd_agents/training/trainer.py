@@ -424,7 +424,8 @@ class Trainer:
             batch.weights = batch.weights * self.rock.token_weights(batch.targets)
         batch.mask = batch.mask * (batch.weights > 0)  # turns a truncation policy dropped carry no loss
         if on_policy and self.cfg.sampling_temperature == 1.0:  # engine vs trainer numerics, same weights
-            self._mismatch.append((batch.logprobs.detach() - batch.sampling_logprobs)[batch.mask > 0].abs().cpu())
+            with torch.no_grad():
+                self._mismatch.append((batch.logprobs - batch.sampling_logprobs)[batch.mask > 0].abs().cpu())
         tensors = teacher.tensors(micro, batch, loss.needs, self.cfg.loss.top_k)
         return loss.fn(batch, tensors, self.cfg.loss, advantages)
 
