@@ -1,5 +1,6 @@
 """CPU decode with few rows: ``F.linear`` (MKL's ``x @ W^T``) vs ``FewRowsLinear`` (``W @ x^T``), on the
-real SmolLM2-135M-Instruct.
+real SmolLM2-135M-Instruct. It decides ``models.few_rows_products_pay`` (by CPU vendor): faster on an AMD EPYC,
+slower on an Intel Xeon (docs/benchmarks.md).
 
     .venv/bin/python bench/linear_rows.py --repeats 3 [--threads 2]
 
@@ -11,6 +12,7 @@ logit difference between the two.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +23,9 @@ import torch
 from attention import smollm2_bench  # bench/ is on the path of a bench script
 from opd_agents.models import FewRowsLinear
 from opd_agents.rollout.kv import GrowingCache
+
+# The W @ x^T side is measured on any CPU (the library takes it only where it pays: few_rows_products_pay).
+os.environ["OPD_AGENTS_FEW_ROWS"] = "1"
 
 
 def per_call_us(fn: Callable[[], object], calls: int) -> float:

@@ -88,7 +88,9 @@ def opd_config(workload: str, model: str, steps: int, run_dir: str, engine: str 
         "eval": {"every": 1000, "episodes": 0, "before": False}, "teacher_strength": {"episodes": 0},
         "sampling_temperature": 1.0, "max_tokens_per_turn": 64,
     }
-    train = {"steps": steps, "lr": 1e-6, "lr_schedule": "constant", "warmup_steps": 0, "checkpoint_every": 1000}
+    # fp32 as TRL's side (`dtype: auto` would compute in bf16 on a CPU with AMX or a GPU)
+    train = {"steps": steps, "lr": 1e-6, "lr_schedule": "constant", "warmup_steps": 0, "checkpoint_every": 1000,
+             "dtype": "float32"}
     if workload == "tool":
         return common | {
             "env": {"id": "opd_agents/Arithmetic-v0", "kwargs": {"difficulty": 1},
@@ -136,12 +138,14 @@ def run_opd(workload: str, model: str, steps: int, warmup: int, threads: int, en
     import torch
 
     torch.set_num_threads(threads)
+    from opd_agents.allocator import map_large_blocks
     from opd_agents.config import parse_config
     from opd_agents.training.trainer import Trainer
 
     # The vllm engine runs in child processes: count the whole tree. The hf engine has none, and scanning the
     # process table every 0.5 s would cost the measured side CPU time the TRL side does not pay.
     tree_peak = TreeMemory()
+    map_large_blocks()  # as the `opd-agents` command does for its process
     with tree_peak if engine != "hf" else contextlib.nullcontext(), tempfile.TemporaryDirectory(prefix="vs_trl_opd_") as run_dir:
         trainer = Trainer(parse_config(opd_config(workload, model, warmup + steps, run_dir, engine)))
         t0 = time.perf_counter()

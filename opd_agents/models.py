@@ -13,6 +13,7 @@ so a killed conversion never leaves a half-written model behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import json
 import os
@@ -245,12 +246,27 @@ def use_native_gqa(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+@functools.cache
+def few_rows_products_pay() -> bool:
+    """Whether ``FewRowsLinear``'s ``W @ x^T`` beats ``F.linear`` at a few fp32 rows on this CPU. It depends on
+    the vendor (MKL's paths differ): on a 2-core AMD EPYC a SmolLM2 decode step at 4 rows went 87 -> 51 ms; on a
+    2-core Intel Xeon it is slower (2 rows 52 -> 98 ms, 4 rows 76 -> 102 ms; bench/linear_rows.py). Decided by
+    the CPU's vendor, not by timing, so a machine always takes the same path (seeded runs repeat bit for bit).
+    ``OPD_AGENTS_FEW_ROWS=0|1`` overrides."""
+    forced = os.environ.get("OPD_AGENTS_FEW_ROWS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    with contextlib.suppress(OSError):
+        return "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    return False
+
+
 class FewRowsLinear(torch.nn.Linear):
-    """``nn.Linear`` that, on the CPU without autograd, multiplies a few fp32 rows as ``W @ x^T``: MKL's
-    ``x @ W^T`` (what ``F.linear`` calls) takes about as long per row as for one row at 2-4 rows (a
-    vocabulary-sized head: up to 16), while ``W @ x^T`` reads the weight once for all of them. SmolLM2 decode
-    step, 4 rows, 2 threads: 87 -> 51 ms (bench/linear_rows.py). Same values up to fp32 rounding; training
-    forwards (autograd on) and larger batches take ``F.linear`` unchanged.
+    """``nn.Linear`` that, on the CPU without autograd, multiplies a few fp32 rows as ``W @ x^T`` where that
+    pays (``few_rows_products_pay``): MKL's ``x @ W^T`` (what ``F.linear`` calls) on an AMD CPU takes about as
+    long per row as for one row at 2-4 rows (a vocabulary-sized head: up to 16), while ``W @ x^T`` reads the
+    weight once for all of them. Same values up to fp32 rounding; training forwards (autograd on) and larger
+    batches take ``F.linear`` unchanged.
 
     Any input that is a strided slice (the LM head's input under transformers' ``logits_to_keep``:
     ``hidden[:, -1:]`` of a prefill) is made contiguous first: aten's ``linear`` cannot fold such a 3-D
@@ -264,7 +280,7 @@ class FewRowsLinear(torch.nn.Linear):
         rows = x.numel() // self.in_features
         limit = 16 if self.out_features >= 8 * self.in_features else 4
         if (2 <= rows <= limit and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and few_rows_products_pay()):
             out = torch.mm(self.weight, x.reshape(rows, self.in_features).t()).t().contiguous()
             if self.bias is not None:
                 out += self.bias

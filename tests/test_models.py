@@ -259,9 +259,11 @@ def test_native_gqa_attention_is_transformers_sdpa_off_the_cpu(monkeypatch: pyte
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17])
 @pytest.mark.parametrize(("in_features", "out_features", "bias"), [(24, 40, True), (16, 256, False)])
-def test_few_rows_linear_equals_f_linear(rows: int, in_features: int, out_features: int, bias: bool) -> None:
-    """Without autograd the few-row product (``W @ x^T``) gives F.linear's values, in F.linear's shape and
-    layout; with autograd on it is F.linear itself (bit for bit), gradients included."""
+def test_few_rows_linear_equals_f_linear(rows: int, in_features: int, out_features: int, bias: bool,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without autograd the few-row product (``W @ x^T``, forced on whatever this CPU) gives F.linear's values,
+    in F.linear's shape and layout; with autograd on it is F.linear itself (bit for bit), gradients included."""
+    monkeypatch.setattr(models, "few_rows_products_pay", lambda: True)
     torch.manual_seed(rows)
     plain = torch.nn.Linear(in_features, out_features, bias=bias)
     few = models.use_few_rows_linears(torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=bias)))[0]
@@ -296,6 +298,16 @@ def test_a_sliced_input_runs_as_one_matrix_product(dtype: torch.dtype) -> None:
         ops = {e.name for e in prof.events()}
         assert "aten::bmm" not in ops and ops & {"aten::mm", "aten::addmm"}
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("forced", "expected"), [("1", True), ("0", False)])
+def test_few_row_products_can_be_forced(forced: str, expected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPD_AGENTS_FEW_ROWS", forced)
+    models.few_rows_products_pay.cache_clear()
+    try:
+        assert models.few_rows_products_pay() is expected
+    finally:
+        models.few_rows_products_pay.cache_clear()
 
 
 def test_loaded_models_use_few_rows_linears(tiny_model_dir: Path) -> None:
