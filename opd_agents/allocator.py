@@ -6,8 +6,8 @@ training step (activations of 1–30 MiB) lives in heap pages, and those stay re
 freed: pages are handed back only from the top of a heap. The evaluation that follows needs buffers of
 other sizes (KV caches of 32 episodes), does not fit them into the holes, and takes new pages on top.
 A fixed threshold maps every block from ``MMAP_THRESHOLD`` up on its own and unmaps it when it is freed.
-On the quickstart workload this cut peak RSS by 0.8 GB at an unchanged wall time (docs/benchmarks.md,
-"Where the quickstart's memory goes"); a lower threshold saves a little more but page faults then cost time.
+On the quickstart this cut peak RSS by 0.8–1.0 GB at an unchanged wall time (docs/benchmarks.md, "Where the
+quickstart's memory went"); a lower threshold saves a little more, but page faults then cost time.
 """
 
 from __future__ import annotations
