@@ -438,11 +438,12 @@ def _reverse_kl_pg(batch: AssistantBatch, teacher: TeacherTensors, cfg: LossConf
     # One update per batch: the sampling policy is the current student, so the trainer's own logprobs are
     # pi_old (ratio 1, the exact on-policy gradient); the engine's recorded ones differ by numerics only
     # (batch shapes, another engine), which tis_cap corrects for when asked.
-    old = batch.logprobs.detach()
+    logprobs = batch.logprobs  # a property that runs the log-softmax over the vocabulary: read once
+    old = logprobs.detach()
     weights = batch.weights
     if cfg.tis_cap is not None:
         weights = weights * torch.exp(old - batch.sampling_logprobs).clamp(max=cfg.tis_cap)
-    return reverse_kl_pg_loss(batch.logprobs, old, teacher.logprobs, batch.mask, weights, clip_eps=cfg.clip_eps,
+    return reverse_kl_pg_loss(logprobs, old, teacher.logprobs, batch.mask, weights, clip_eps=cfg.clip_eps,
                               coef=cfg.kl_coef, outcome_advantages=adv)
 
 
