@@ -5,10 +5,13 @@
     python bench/rollout.py --engines vllm_server --api-base http://HOST:8000/v1   # or a server started by hand:
         # vllm serve MODEL --enable-scale-out --logprobs-mode processed_logprobs [--no-enable-chunked-prefill on CPU]
     python bench/rollout.py --engines lockstep hf   # the loop before the engine protocol (git worktree)
+    python bench/rollout.py --engines hf@cd0880a hf --dtype bfloat16   # an engine as of a commit, vs now
 
 ``lockstep`` is the rollout loop as it was before the engine protocol (commit LOCKSTEP_COMMIT: batches of
-``--episodes`` advanced turn by turn, a finished row decoding pads until the turn's longest row stops),
-run from a git worktree of that commit made under runs/ on first use.
+``--episodes`` advanced turn by turn, a finished row decoding pads until the turn's longest row stops);
+``ENGINE@REV`` is that engine as of git revision REV. Both run from a git worktree of their commit made under
+runs/ on first use. ``--dtype bfloat16``: the HF engine decodes under bf16 autocast with a bf16 copy of the
+weights (what `train.dtype: auto` picks on a GPU or an AMX CPU).
 
 Each (engine, env) cell runs in a fresh child process (model load and engine start-up are timed apart from
 the rollout), `--repeats` times, interleaved across engines so machine noise hits all of them alike; the
@@ -36,15 +39,19 @@ LOCKSTEP_COMMIT = "6fd81a5"  # the parent of the engine-protocol commit 12b8504
 REPO = Path(__file__).resolve().parents[1]
 
 
-def lockstep_worktree() -> Path:
-    tree = REPO / "runs" / f"lockstep-{LOCKSTEP_COMMIT}"
+def worktree(commit: str, name: str) -> Path:
+    tree = REPO / "runs" / f"{name}-{commit}"
     if not tree.is_dir():
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), LOCKSTEP_COMMIT], check=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True)
     return tree
 
 
-def one(engine: str, env_spec: str, model: str, episodes: int, api_base: str | None, device: str) -> dict[str, Any]:
+def one(cell: str, env_spec: str, model: str, episodes: int, api_base: str | None, device: str,
+        dtype: str) -> dict[str, Any]:
     """Run in the child: load, start the engine, play the episodes, return the timings."""
+    import resource
+
+    import torch
     import yaml
 
     from opd_agents.env.core import heldout_seeds
@@ -57,6 +64,7 @@ def one(engine: str, env_spec: str, model: str, episodes: int, api_base: str | N
     env_id, _, args = env_spec.partition(":")
     kwargs = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.split(",") if a)}
     factory = lambda: make_env(env_id, **kwargs).unwrapped  # noqa: E731
+    engine = cell.partition("@")[0]
     t0 = time.perf_counter()
     if engine == "lockstep":  # the old API: an HFSampler over the model, Rollout(batch_size=...)
         from opd_agents.rollout.sampler import HFSampler  # type: ignore[import-not-found]
@@ -76,8 +84,10 @@ def one(engine: str, env_spec: str, model: str, episodes: int, api_base: str | N
     if engine != "lockstep":
         from opd_agents.rollout.engine import make_engine
 
-        server = {"api_base": api_base} if engine == "vllm_server" else {}
-        sampler = make_engine(engine, model=lm, renderer=ChatMLRenderer(tok, factory().parser), **server)
+        options: dict[str, Any] = {"api_base": api_base} if engine == "vllm_server" else {}
+        if engine == "hf" and dtype != "float32":
+            options["compute_dtype"] = getattr(torch, dtype)
+        sampler = make_engine(engine, model=lm, renderer=ChatMLRenderer(tok, factory().parser), **options)
         start_s = time.perf_counter() - t0
         rollout = Rollout(sampler, factory, SamplingParams(temperature=1.0, seed=0), env_id=env_id,
                           max_episodes=episodes)
@@ -87,8 +97,10 @@ def one(engine: str, env_spec: str, model: str, episodes: int, api_base: str | N
     if engine != "lockstep":
         rollout.close()
     tokens = sum(t.num_assistant_tokens for t in trajs)
-    return {"engine": engine, "env": env_spec, "start_s": start_s, "wall_s": wall, "episodes_per_s": len(trajs) / wall,
-            "tokens_per_s": tokens / wall, "tokens": tokens, "mean_turns": statistics.mean(len(t.turns) for t in trajs)}
+    return {"engine": cell, "env": env_spec, "dtype": dtype, "start_s": start_s, "wall_s": wall,
+            "episodes_per_s": len(trajs) / wall, "tokens_per_s": tokens / wall, "tokens": tokens,
+            "mean_turns": statistics.mean(len(t.turns) for t in trajs),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def main() -> None:
@@ -100,12 +112,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--api-base")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the HF engine's compute dtype")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-rollout.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         engine, env_spec = json.loads(args.child)
-        print(json.dumps(one(engine, env_spec, args.model, args.episodes, args.api_base, args.device)))
+        print(json.dumps(one(engine, env_spec, args.model, args.episodes, args.api_base, args.device, args.dtype)))
         return
     rows = run_cells(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,14 +148,17 @@ def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     for _ in range(args.repeats):
         for env_spec in args.envs:
             for engine in args.engines:  # interleaved: each repeat visits every engine once
-                # the old loop runs from its own worktree (its package first on the path)
-                env = dict(os.environ, PYTHONPATH=str(lockstep_worktree())) if engine == "lockstep" else None
+                # the old loop, or an engine as of a commit, runs from its own worktree (its package first on the path)
+                env = None
+                if engine == "lockstep" or "@" in engine:
+                    commit, name = (LOCKSTEP_COMMIT, "lockstep") if engine == "lockstep" else (engine.split("@")[1], "at")
+                    env = dict(os.environ, PYTHONPATH=str(worktree(commit, name)))
                 with contextlib.ExitStack() as stack:
                     api_base = args.api_base
                     if engine == "vllm_server" and not api_base:
                         api_base = stack.enter_context(loopback_server(args.model))
                     cmd = [sys.executable, __file__, "--child", json.dumps([engine, env_spec]), "--model", args.model,
-                           "--episodes", str(args.episodes), "--device", args.device,
+                           "--episodes", str(args.episodes), "--device", args.device, "--dtype", args.dtype,
                            *(["--api-base", api_base] if api_base else [])]
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
                 rows.append(json.loads(out))
@@ -151,7 +167,8 @@ def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def print_table(rows: list[dict[str, Any]], envs: list[str], engines: list[str]) -> None:
-    print("\n| env | engine | episodes/s | tokens/s | vs first | start-up s | mean turns |\n|---|---|---|---|---|---|---|")
+    print("\n| env | engine | episodes/s | tokens/s | vs first | start-up s | mean turns | peak RSS GB |\n"
+          "|---|---|---|---|---|---|---|---|")
     for env_spec in envs:
         base = None
         for engine in engines:
@@ -160,7 +177,8 @@ def print_table(rows: list[dict[str, Any]], envs: list[str], engines: list[str])
             base = base or tps
             print(f"| {env_spec} | {engine} | {statistics.median(r['episodes_per_s'] for r in cell):.3f} | {tps:.1f} "
                   f"| {tps / base:.2f}x | {statistics.median(r['start_s'] for r in cell):.1f} "
-                  f"| {statistics.mean(r['mean_turns'] for r in cell):.2f} |")
+                  f"| {statistics.mean(r['mean_turns'] for r in cell):.2f} "
+                  f"| {statistics.median(r['peak_rss_gb'] for r in cell):.2f} |")
 
 
 if __name__ == "__main__":
