@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AttentionInterface,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -36,9 +37,10 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from opd_agents.attention import use_native_gqa
 from opd_agents.errors import ModelLoadError, ModelNotCachedError
 
 _PROVENANCE = "opd_agents_source.json"  # written last into every converted dir; marks it complete
@@ -208,6 +210,40 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerB
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+GQA_SDPA = "opd_sdpa_native_gqa"
+
+
+def _sdpa_native_gqa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     is_causal: bool | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """transformers' ``sdpa`` attention, minus its ``repeat_kv``: with a padding mask transformers copies
+    the grouped keys/values up to every query head (on CUDA the fused kernels need that), which on the CPU
+    copies the whole KV cache at every decode step. torch's CPU kernel reads grouped heads itself
+    (``enable_gqa``), with the same results; SmolLM2 decode at 8 rows x 450 tokens 27-34 % faster
+    (bench/attention.py). Off the CPU (a model loaded there, then moved) it is transformers' ``sdpa``."""
+    if query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        is_causal=bool(query.shape[2] > 1 and attention_mask is None and causal), enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GQA_SDPA, _sdpa_native_gqa)
+AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
+
+
+def use_native_gqa(model: PreTrainedModel) -> PreTrainedModel:
+    """A grouped-query-attention model that runs ``sdpa`` runs ``GQA_SDPA`` instead (which is ``sdpa``
+    itself off the CPU, so the choice holds wherever the model is moved)."""
+    grouped = getattr(model.config, "num_key_value_heads", None) not in (None, model.config.num_attention_heads)
+    if grouped and model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(GQA_SDPA)
+    return model
 
 
 @functools.cache

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from opd_agents.rollout.kv import GrowingCache, GrowingLayer, KVBatch, KVSession
+from opd_agents.rollout.kv import GrowingCache, GrowingLayer, KVBatch
 
 
 def last_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
@@ -55,63 +55,3 @@ def test_growing_batch_equals_unpadded_forwards_through_growth_selection_and_mer
     for _ in range(4):
         fed = [ids(1), ids(1), ids(1)]
         assert_rows_match(model, batch, batch.extend(fed), fed)
-
-
-def test_rows_continuing_one_shared_prefix_hold_only_their_own_columns(tiny_model: Any) -> None:
-    """Episodes that start with the same prompt keep one copy of its keys/values: the batch's cache and the
-    sessions hold the columns after it, and every row still equals an unpadded forward over its ids —
-    through decode steps, a session that leaves and comes back, a crop into the prefix, and a merge with
-    rows that do not share it (then each row gets a copy)."""
-    model, _ = tiny_model
-    gen = torch.Generator().manual_seed(1)
-
-    def ids(n: int) -> list[int]:
-        return torch.randint(5, 2000, (n,), generator=gen).tolist()
-
-    one = KVBatch.from_sessions(model, 0, [None])
-    one.extend([ids(20)])
-    prefix = one.session(0)
-    assert prefix.prefix is None and prefix.keys[0].shape[2] == 20
-
-    batch = KVBatch.from_sessions(model, 0, [KVSession.continuing(prefix)] * 3)
-    assert batch.prefix is prefix and batch.mask.shape == (3, 0)
-    fed = [ids(3), ids(5), ids(1)]
-    assert_rows_match(model, batch, batch.extend(fed), fed)
-    for _ in range(3):
-        fed = [ids(1), ids(1), ids(1)]
-        assert_rows_match(model, batch, batch.extend(fed), fed)
-    assert batch.cache.layers[0].keys.shape[2] == batch.mask.shape[1] == 8  # 5 + 3: no prefix column
-
-    waiting = batch.session(1)
-    assert waiting.prefix is prefix and waiting.keys[0].shape[2] == len(waiting.tokens) - 20 == 8
-    assert waiting.crop(24).keys[0].shape[2] == 4 and waiting.crop(12).prefix is None
-    batch.keep([0, 2])
-    back = KVBatch.from_sessions(model, 0, [waiting, KVSession.continuing(prefix)])
-    fed = [ids(2), ids(6)]
-    assert back.prefix is prefix
-    assert_rows_match(model, back, back.extend(fed), fed)
-    batch.absorb(back)
-    assert batch.prefix is prefix and batch.size == 4
-    fed = [ids(1)] * 4
-    assert_rows_match(model, batch, batch.extend(fed), fed)
-
-    plain = KVBatch.from_sessions(model, 0, [None, waiting.crop(12)])  # not all continue the prefix
-    assert plain.prefix is None
-    fed = [ids(7), ids(2)]
-    assert_rows_match(model, plain, plain.extend(fed), fed)
-    batch.absorb(plain)
-    assert batch.prefix is None and batch.mask.shape[1] == batch.cache.layers[0].keys.shape[2]
-    for _ in range(2):
-        fed = [ids(1)] * 6
-        assert_rows_match(model, batch, batch.extend(fed), fed)
-
-
-def test_a_model_that_does_not_cascade_copies_the_prefix_into_each_row(tiny_model: Any) -> None:
-    model, _ = tiny_model
-    model.set_attn_implementation("sdpa")
-    one = KVBatch.from_sessions(model, 0, [None])
-    one.extend([list(range(100, 120))])
-    batch = KVBatch.from_sessions(model, 0, [KVSession.continuing(one.session(0))] * 2)
-    assert batch.prefix is None and batch.mask.shape == (2, 20)
-    fed = [[7, 8], [9]]
-    assert_rows_match(model, batch, batch.extend(fed), fed)

@@ -216,6 +216,47 @@ def test_smollm2_builtin_generates(smollm2_dir: Path) -> None:
     assert any(ch.isdigit() for ch in text), text  # it answers with a number (381, wrong, per environment.md)
 
 
+def test_native_gqa_attention_equals_transformers_sdpa(tiny_model_dir: Path) -> None:
+    """The CPU attention without repeat_kv (load_model's default for grouped-query models) gives the same
+    logits as transformers' sdpa over a left-padded batch, in a cached decode step, and the same gradients."""
+    from transformers import DynamicCache
+
+    from opd_agents.models import GQA_SDPA
+
+    model, _ = load_model(tiny_model_dir)
+    assert model.config._attn_implementation == GQA_SDPA  # 4 query heads over 2 key/value heads
+    ids = torch.randint(10, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # a left-padded row
+    step = torch.tensor([[11], [12], [13]])
+
+    def run(impl: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=(cache := DynamicCache()), use_cache=True)
+        decoded = model(input_ids=step, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1),
+                        past_key_values=cache, use_cache=True).logits
+        (out.logits[mask.bool()].logsumexp(-1).sum() + decoded.logsumexp(-1).sum()).backward()
+        return out.logits.detach(), decoded.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain, native = run("sdpa"), run(GQA_SDPA)
+    assert torch.allclose(plain[0][mask.bool()], native[0][mask.bool()], atol=1e-5)
+    assert torch.allclose(plain[1], native[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain[2], native[2], strict=True))
+
+
+def test_native_gqa_attention_is_transformers_sdpa_off_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model loaded on the CPU keeps ``GQA_SDPA`` when moved to a GPU: there the call goes to transformers'
+    ``sdpa`` (the fused GPU kernels want repeat_kv), with every argument."""
+    import opd_agents.models as models
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(models, "sdpa_attention_forward", lambda *args, **kwargs: calls.append(kwargs) or ("out", None))
+    q, kv = torch.empty(1, 4, 3, 8, device="meta"), torch.empty(1, 2, 3, 8, device="meta")
+    assert models._sdpa_native_gqa(torch.nn.Module(), q, kv, kv, None, scaling=0.5, is_causal=True) == ("out", None)
+    assert calls == [{"dropout": 0.0, "scaling": 0.5, "is_causal": True}]
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17])
 @pytest.mark.parametrize(("in_features", "out_features", "bias"), [(24, 40, True), (16, 256, False)])
 def test_few_rows_linear_equals_f_linear(rows: int, in_features: int, out_features: int, bias: bool,

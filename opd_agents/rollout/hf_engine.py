@@ -257,7 +257,7 @@ class HFEngine:
                 self._prefix_version = version
         if prefix is not None:
             for i in fresh:
-                resumed[i] = (KVSession.continuing(prefix), resumed[i][1][len(prefix.tokens):])
+                resumed[i] = (prefix, resumed[i][1][len(prefix.tokens):])
                 self.tokens_shared += len(prefix.tokens)
 
     def _admit(self, new: list[_Work], running: KVBatch, works: list[_Work]) -> tuple[KVBatch, list[_Work]]:

@@ -7,16 +7,10 @@ it and explicit position ids keep RoPE positions contiguous per row, so a row's 
 forward pass over its own ids. Rows leave (``keep``), are cut out as dense ``KVSession``s (their padding
 dropped) while their episode waits for a tool, and come back merged with other rows (``from_sessions``,
 ``absorb``): that is what lets an engine batch whichever episodes are waiting.
-
-Sequences that start with the same prompt (system prompt + tool schemas) can continue one shared
-``KVSession`` instead of holding a copy each: a session or batch then keeps only the positions after that
-prefix, and its forwards attend to the prefix's one copy (``attention.attending_to``, where the model
-``cascades``; elsewhere the prefix is copied into every row as before).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +18,6 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
-
-from opd_agents.attention import attending_to, cascades
 
 
 def autocast(device: torch.device, compute_dtype: torch.dtype | None) -> torch.autocast:
@@ -35,40 +27,15 @@ def autocast(device: torch.device, compute_dtype: torch.dtype | None) -> torch.a
 
 @dataclass
 class KVSession:
-    """One sequence's cache without padding: ``keys[l]`` / ``values[l]`` are [1, H, n, D] for its positions
-    after ``prefix`` (all of them when there is none)."""
+    """One sequence's cache without padding: ``keys[l]`` / ``values[l]`` are [1, H, len(tokens), D]."""
 
-    tokens: list[int]  # the ids whose keys/values are cached, in order (positions 0..len-1, prefix included)
+    tokens: list[int]  # the ids whose keys/values are cached, in order (positions 0..n-1)
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    prefix: KVSession | None = None  # a shared session this one continues (itself without a prefix)
-
-    @property
-    def own_start(self) -> int:
-        """The first position whose keys/values this session holds itself."""
-        return len(self.prefix.tokens) if self.prefix is not None else 0
-
-    @classmethod
-    def continuing(cls, prefix: KVSession) -> KVSession:
-        """A sequence that is ``prefix`` so far, sharing its keys/values instead of copying them."""
-        return cls(list(prefix.tokens), [k[:, :, :0] for k in prefix.keys], [v[:, :, :0] for v in prefix.values],
-                   prefix)
 
     def crop(self, n: int) -> KVSession:
         """The first ``n`` cached positions only (to re-feed a suffix whose logits are needed)."""
-        start = self.own_start
-        if n < start:
-            assert self.prefix is not None
-            return self.prefix.crop(n)
-        return KVSession(self.tokens[:n], [k[:, :, : n - start] for k in self.keys],
-                         [v[:, :, : n - start] for v in self.values], self.prefix)
-
-    def dense(self) -> KVSession:
-        """The same sequence holding all its keys/values itself (a copy of the prefix's)."""
-        if self.prefix is None:
-            return self
-        return KVSession(self.tokens, [torch.cat(kv, dim=2) for kv in zip(self.prefix.keys, self.keys, strict=True)],
-                         [torch.cat(kv, dim=2) for kv in zip(self.prefix.values, self.values, strict=True)])
+        return KVSession(self.tokens[:n], [k[:, :, :n] for k in self.keys], [v[:, :, :n] for v in self.values])
 
 
 class GrowingLayer(DynamicLayer):
@@ -152,8 +119,7 @@ def _right_aligned(parts: Sequence[torch.Tensor], width: int, dim: int) -> torch
 
 
 class KVBatch:
-    """A batch of token sequences that grows chunk by chunk over one ``GrowingCache``; every row may
-    continue one shared ``prefix`` (then the cache and mask hold only the columns after it)."""
+    """A batch of token sequences that grows chunk by chunk over one ``GrowingCache``."""
 
     def __init__(self, model: PreTrainedModel, pad_token_id: int) -> None:
         self.model = model
@@ -162,8 +128,7 @@ class KVBatch:
         self.cache: DynamicCache = GrowingCache()
         self.mask = torch.zeros((0, 0), dtype=torch.long)  # [B, cached_len] 1 = real token
         self.next_pos = torch.zeros(0, dtype=torch.long)  # [B] position id of each row's next token
-        self.tokens: list[list[int]] = []  # per row: the ids fed so far (the prefix's included)
-        self.prefix: KVSession | None = None
+        self.tokens: list[list[int]] = []  # per row: the ids fed so far
 
     @property
     def size(self) -> int:
@@ -171,28 +136,21 @@ class KVBatch:
 
     @classmethod
     def from_sessions(cls, model: PreTrainedModel, pad_token_id: int, sessions: Sequence[KVSession | None]) -> KVBatch:
-        """Rows that resume cached sequences (``None``: a new, empty one), left-padded to one width. When every
-        row continues the same prefix (and the model ``cascades``) the batch shares it; otherwise each row
-        gets its own copy."""
+        """Rows that resume cached sequences (``None``: a new, empty one), left-padded to one width."""
         batch = cls(model, pad_token_id)
-        shared = sessions[0].prefix if sessions and sessions[0] is not None else None
-        if shared is None or not cascades(model) or any(s is None or s.prefix is not shared for s in sessions):
-            sessions, shared = [s.dense() if s else None for s in sessions], None
-        batch.prefix = shared
-        start = len(shared.tokens) if shared is not None else 0
         batch.tokens = [list(s.tokens) if s else [] for s in sessions]
-        own = [len(t) - start for t in batch.tokens]
-        width = max(own, default=0)
+        lengths = [len(t) for t in batch.tokens]
+        width = max(lengths, default=0)
         batch.mask = torch.zeros((len(sessions), width), dtype=torch.long)
-        for i, n in enumerate(own):
+        for i, n in enumerate(lengths):
             batch.mask[i, width - n:] = 1
-        batch.next_pos = torch.tensor([len(t) for t in batch.tokens], dtype=torch.long)
-        template = next((s for s, n in zip(sessions, own, strict=True) if s and n), None)
+        batch.next_pos = torch.tensor(lengths, dtype=torch.long)
+        template = next((s for s in sessions if s and s.tokens), None)
         if template is not None:
-            layers, rows = [], list(zip(sessions, own, strict=True))
+            layers = []
             for layer in range(len(template.keys)):
-                ks = [s.keys[layer] if s and n else template.keys[layer][:, :, :0] for s, n in rows]
-                vs = [s.values[layer] if s and n else template.values[layer][:, :, :0] for s, n in rows]
+                ks = [s.keys[layer] if s and s.tokens else template.keys[layer][:, :, :0] for s in sessions]
+                vs = [s.values[layer] if s and s.tokens else template.values[layer][:, :, :0] for s in sessions]
                 layers.append((_right_aligned(ks, width, 2), _right_aligned(vs, width, 2)))
             batch.cache = GrowingCache(layers)
         return batch
@@ -214,26 +172,22 @@ class KVBatch:
         positions = self.next_pos[:, None] + (chunk_mask.cumsum(dim=1) - 1).clamp(min=0)
         self.mask = torch.cat([self.mask, chunk_mask], dim=1)
         self.next_pos = self.next_pos + chunk_mask.sum(dim=1)
-        shared = attending_to(self.prefix.keys, self.prefix.values) if self.prefix else contextlib.nullcontext()
-        with shared:
-            out = self.model(
-                input_ids=ids.to(self.device),
-                attention_mask=self.mask.to(self.device),
-                position_ids=positions.to(self.device),
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=keep_last,  # the full [B, T, V] prefill logits are huge
-            )
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=self.mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=keep_last,  # the full [B, T, V] prefill logits are huge
+        )
         return out.logits.float()
 
     def session(self, row: int) -> KVSession:
-        """Row ``row``'s cache as a session without padding (still continuing the batch's prefix)."""
+        """Row ``row``'s cache as a dense session (its padding columns dropped)."""
         cols = self.mask[row].nonzero().squeeze(1).to(self.device)
-        if not self.cache.layers and self.prefix is not None:  # nothing of its own yet
-            return KVSession.continuing(self.prefix)
         keys = [layer.keys[row : row + 1, :, cols] for layer in self.cache.layers]
         values = [layer.values[row : row + 1, :, cols] for layer in self.cache.layers]
-        return KVSession(list(self.tokens[row]), keys, values, self.prefix)
+        return KVSession(list(self.tokens[row]), keys, values)
 
     def keep(self, rows: Sequence[int]) -> None:
         """Drop every row not listed (finished requests leave the batch)."""
@@ -243,7 +197,7 @@ class KVBatch:
         if rows:
             self.cache.batch_select_indices(index.to(self.device))
         else:
-            self.cache, self.prefix = GrowingCache(), None
+            self.cache = GrowingCache()
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]
         self.tokens = [self.tokens[i] for i in rows]
         self._drop_dead_columns()
@@ -254,11 +208,7 @@ class KVBatch:
             return
         if self.size == 0:
             self.cache, self.mask, self.next_pos, self.tokens = other.cache, other.mask, other.next_pos, other.tokens
-            self.prefix = other.prefix
             return
-        if self.prefix is not other.prefix:
-            self._copy_prefix_into_rows()
-            other._copy_prefix_into_rows()
         width = max(self.mask.shape[1], other.mask.shape[1])
         layers = [(_right_aligned([a.keys, b.keys], width, 2), _right_aligned([a.values, b.values], width, 2))
                   for a, b in zip(self.cache.layers, other.cache.layers, strict=True)]
@@ -266,22 +216,6 @@ class KVBatch:
         self.mask = _right_aligned([self.mask, other.mask], width, 1)
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.tokens = self.tokens + other.tokens
-
-    def _copy_prefix_into_rows(self) -> None:
-        """Stop sharing: every row gets the prefix's columns in its own cache."""
-        if self.prefix is None:
-            return
-        rows, width = self.size, len(self.prefix.tokens)
-        if self.cache.layers:
-            layers = [(torch.cat([pk.expand(rows, -1, -1, -1), layer.keys], dim=2),
-                       torch.cat([pv.expand(rows, -1, -1, -1), layer.values], dim=2))
-                      for pk, pv, layer in zip(self.prefix.keys, self.prefix.values, self.cache.layers, strict=True)]
-        else:
-            layers = [(pk.expand(rows, -1, -1, -1).contiguous(), pv.expand(rows, -1, -1, -1).contiguous())
-                      for pk, pv in zip(self.prefix.keys, self.prefix.values, strict=True)]
-        self.cache = GrowingCache(layers)
-        self.mask = torch.cat([torch.ones((rows, width), dtype=torch.long), self.mask], dim=1)
-        self.prefix = None
 
     def _drop_dead_columns(self) -> None:
         """Columns that are padding for every remaining row would only cost attention FLOPs."""
@@ -367,15 +301,13 @@ def forward_shared_prefix(module: torch.nn.Module, ids: torch.Tensor, mask: torc
     each row is fed on top. Returns the module's output for columns ``prefix..W-1`` (logits / hidden states
     of the suffix). Under autograd the rows' gradients flow back into the one prefix computation. Equal to
     the plain forward pass up to floating-point differences. ``cached``: the prefix's keys/values computed
-    earlier (``prefix`` ids; gradients reach its tensors, see ``training.policy.SharedPrefix``). The rows
-    get a copy each: attending to one copy (``attention.attending_to``) pays in decode steps, but a teacher
-    pass over whole sequences got slower with it (docs/benchmarks.md)."""
+    earlier (``prefix`` ids; gradients reach its tensors, see ``training.policy.SharedPrefix``)."""
     rows, width = ids.shape
     if cached is None:
         cached = run_prefix(module, ids[:1, :prefix], mask[:1, :prefix])
-    positions = torch.arange(prefix, width, device=ids.device).expand(rows, -1)
     cache = DynamicCache()
     for layer, (keys, values) in enumerate(zip(cached.keys, cached.values, strict=True)):
         cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
+    positions = torch.arange(prefix, width, device=ids.device).expand(rows, -1)
     return module(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, past_key_values=cache,
                   use_cache=True, **kwargs)
