@@ -46,6 +46,14 @@ def worktree(commit: str, name: str) -> Path:
     return tree
 
 
+def source_tree(cell: str) -> Path | None:
+    """Where a cell's package comes from: the old loop's or ``ENGINE@REV``'s worktree, None for this checkout."""
+    if cell == "lockstep":
+        return worktree(LOCKSTEP_COMMIT, "lockstep")
+    rev = cell.partition("@")[2]
+    return worktree(rev, "at") if rev else None
+
+
 def one(cell: str, env_spec: str, model: str, episodes: int, api_base: str | None, device: str,
         dtype: str) -> dict[str, Any]:
     """Run in the child: load, start the engine, play the episodes, return the timings."""
@@ -148,11 +156,8 @@ def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     for _ in range(args.repeats):
         for env_spec in args.envs:
             for engine in args.engines:  # interleaved: each repeat visits every engine once
-                # the old loop, or an engine as of a commit, runs from its own worktree (its package first on the path)
-                env = None
-                if engine == "lockstep" or "@" in engine:
-                    commit, name = (LOCKSTEP_COMMIT, "lockstep") if engine == "lockstep" else (engine.split("@")[1], "at")
-                    env = dict(os.environ, PYTHONPATH=str(worktree(commit, name)))
+                tree = source_tree(engine)  # its package first on the path
+                env = dict(os.environ, PYTHONPATH=str(tree)) if tree else None
                 with contextlib.ExitStack() as stack:
                     api_base = args.api_base
                     if engine == "vllm_server" and not api_base:
