@@ -140,6 +140,10 @@ class TrainLoopConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(4, gt=0)
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute each decoder layer's activations in the backward instead of keeping them through the "
+        "micro-batch (TRL's gradient_checkpointing): a step's activation memory drops to the layers' inputs, "
+        "for about one more forward pass of the student per micro-batch"))
     dtype: Literal["auto", "float32", "bf16-mixed", "bfloat16"] = Field("auto", description=(
         "the student's weights / compute: float32; bf16-mixed (fp32 weights and optimizer, forwards under bf16 "
         "autocast); bfloat16 (bf16 weights: half the memory, but AdamW updates far below a weight's magnitude "

@@ -112,11 +112,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, ti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_train_exactly_as_one(parallel: str, reference: Path, tmp_path: Path, tiny_model_dir: Path,
-                                        tiny_teacher_dir: Path) -> None:
+@pytest.mark.parametrize(("parallel", "recompute"), [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_two_ranks_train_exactly_as_one(parallel: str, recompute: bool, reference: Path, tmp_path: Path,
+                                        tiny_model_dir: Path, tiny_teacher_dir: Path) -> None:
+    """(``recompute``: the sharded ranks also recompute their layers in the backward, the reference does not.)"""
     run = _train(tmp_path, "two", 2, _config(tmp_path / "two", tiny_model_dir, tiny_teacher_dir,
-                                             parallel=parallel))
+                                             parallel=parallel, gradient_checkpointing=recompute))
     diff = _max_diff(_weights(run, 2), _weights(reference, 2))
     moved = _max_diff(_weights(reference, 2), load_file(tiny_model_dir / "model.safetensors"))
     print(f"{parallel}: max |w_2ranks - w_1rank| after 2 steps = {diff:.2e} (the steps moved weights by {moved:.2e})")

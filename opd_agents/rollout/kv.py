@@ -104,6 +104,38 @@ class GrowingCache(DynamicCache):
             self.layers.append(layer)
 
 
+class ReadOnlyLayer(DynamicLayer):
+    """A layer's cache that a forward attends to but does not grow: ``update`` returns the cached keys/values
+    followed by the new ones (kept as ``last``) and leaves the cache as it was. Running the same layer on the
+    same input twice then gives the same result, which a layer recomputed under activation checkpointing
+    needs (a ``DynamicLayer`` would append the chunk a second time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # Always a new tensor, as DynamicLayer's: the projections' keys are strided views, and attention over
+        # them (not over a contiguous copy) rounds differently in its backward.
+        self.last = (torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2))
+        return self.last
+
+
+class ReadOnlyCache(DynamicCache):
+    """A ``DynamicCache`` of ``ReadOnlyLayer``s over per-layer (keys, values) (none: an empty past)."""
+
+    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+        Cache.__init__(self, layer_class_to_replicate=ReadOnlyLayer)
+        for keys, values in layers:
+            layer = ReadOnlyLayer()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            self.layers.append(layer)
+
+
 def _right_aligned(parts: Sequence[torch.Tensor], width: int, dim: int) -> torch.Tensor:
     """``parts`` stacked along dim 0 into one new tensor, each right-aligned in ``width`` columns of ``dim``
     (zeros on the left): one copy of each part, where padding each and then stacking would make two."""
@@ -251,11 +283,13 @@ def weights_version(model: torch.nn.Module) -> int:
 
 def run_prefix(module: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> KVSession:
     """``ids`` [1, n] through ``module`` (a causal LM or its decoder); their keys/values as a session (in the
-    autograd graph when grad is on)."""
-    cache = DynamicCache()
+    autograd graph when grad is on; the layers may be checkpointed: the cache only records)."""
+    cache = ReadOnlyCache()
     head_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(module.forward).parameters else {}
-    module(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **head_kwargs)
-    return KVSession(ids[0].tolist(), [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+    # use_cache=False: ours is read anyway, and a checkpointed model would warn that it turned caching off
+    module(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=False, **head_kwargs)
+    recorded = [layer.last for layer in cache.layers]  # type: ignore[attr-defined]
+    return KVSession(ids[0].tolist(), [k for k, _ in recorded], [v for _, v in recorded])
 
 
 @torch.no_grad()
@@ -305,9 +339,8 @@ def forward_shared_prefix(module: torch.nn.Module, ids: torch.Tensor, mask: torc
     rows, width = ids.shape
     if cached is None:
         cached = run_prefix(module, ids[:1, :prefix], mask[:1, :prefix])
-    cache = DynamicCache()
-    for layer, (keys, values) in enumerate(zip(cached.keys, cached.values, strict=True)):
-        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
+    cache = ReadOnlyCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                           for k, v in zip(cached.keys, cached.values, strict=True)])
     positions = torch.arange(prefix, width, device=ids.device).expand(rows, -1)
     return module(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, past_key_values=cache,
-                  use_cache=True, **kwargs)
+                  use_cache=False, **kwargs)

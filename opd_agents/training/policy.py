@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+from opd_agents.errors import ConfigError
 from opd_agents.rollout.kv import (MIN_SHARED_PREFIX, KVSession, autocast, common_prefix_len, forward_shared_prefix,
                                   run_prefix)
 from opd_agents.training.chunked import per_position
@@ -85,6 +87,19 @@ class StudentLogits(torch.nn.Module):
             if not len(rows):  # keep the head in the graph: a wrapper expects a gradient for every parameter
                 full = full + 0.0 * head(hidden[:1, 0]).sum()
         return full.float()  # the losses' softmaxes in fp32 whatever the compute dtype
+
+
+def checkpoint_layers(model: PreTrainedModel) -> None:
+    """Activation checkpointing of every decoder layer in training-mode forwards (non-reentrant
+    ``torch.utils.checkpoint``). The caches training forwards carry (``ReadOnlyCache``: a shared prompt prefix
+    and the recording of its keys/values) are only read, so the layers keep them when recomputed; transformers
+    would otherwise drop every cache of a checkpointed layer."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._can_checkpoint_with_cache = True
 
 
 def _prefix_limit(views: Sequence[TrainingView]) -> int:

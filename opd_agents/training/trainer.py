@@ -38,7 +38,8 @@ from opd_agents.training.tracking import MetricsLog
 from opd_agents.training.losses import LossOutput, LossSpec, grpo_advantages, select_loss
 from opd_agents.training.policies.base import Needs
 from opd_agents.training.policies.signals import topk_signals
-from opd_agents.training.policy import SharedPrefix, StudentLogits, adamw, assistant_batch, cross_entropy, pad_rows
+from opd_agents.training.policy import (SharedPrefix, StudentLogits, adamw, assistant_batch, checkpoint_layers,
+                                       cross_entropy, pad_rows)
 from opd_agents.training.preflight import preflight
 from opd_agents.env.registry import make_env
 from opd_agents.rollout.chat_template import template_parser
@@ -98,6 +99,8 @@ class Trainer:
         # sampling and evaluation run a whole model: the student itself, or under FSDP a full copy that
         # takes the gathered weights after every step.
         self.sampler = copy.deepcopy(self.student) if cfg.train.parallel == "fsdp" and self.dist.enabled else self.student
+        if cfg.train.gradient_checkpointing:
+            checkpoint_layers(self.student)
         self.trained = wrap(StudentLogits(self.student, compute_dtype), cfg.train.parallel, self.dist)
         self.renderer = make_renderer(self.tokenizer, self.parser, cfg.student.chat_template)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
