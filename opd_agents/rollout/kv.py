@@ -96,12 +96,19 @@ class GrowingCache(DynamicCache):
     taken as they are (the callers built them fresh), spare columns come with the first append."""
 
     def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
-        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
-        for keys, values in layers:
-            layer = GrowingLayer()
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-            self.layers.append(layer)
+        _fill(self, GrowingLayer, layers)
+
+
+def _fill(cache: DynamicCache, layer_class: type[DynamicLayer],
+          layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Initialise ``cache`` with ``layer_class`` layers (more are made as needed) holding ``layers``' per-layer
+    (keys, values) as they are."""
+    Cache.__init__(cache, layer_class_to_replicate=layer_class)
+    for keys, values in layers:
+        layer = layer_class()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
 
 
 class ReadOnlyLayer(DynamicLayer):
@@ -128,12 +135,7 @@ class ReadOnlyCache(DynamicCache):
     """A ``DynamicCache`` of ``ReadOnlyLayer``s over per-layer (keys, values) (none: an empty past)."""
 
     def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
-        Cache.__init__(self, layer_class_to_replicate=ReadOnlyLayer)
-        for keys, values in layers:
-            layer = ReadOnlyLayer()
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-            self.layers.append(layer)
+        _fill(self, ReadOnlyLayer, layers)
 
 
 def _right_aligned(parts: Sequence[torch.Tensor], width: int, dim: int) -> torch.Tensor:
