@@ -46,6 +46,11 @@ if [ "$stage" = smoke ]; then
   timeout 300 $py -m opd_agents.cli train -c configs/tiny-test.yaml --set run_dir=/tmp/tiny-run --set device=cuda \
     --set student.model=$tiny --set teacher.model=$tiny 2>&1 | tail -25
   cp /tmp/tiny-run/metrics.jsonl "$OUT/tiny-metrics.jsonl" 2>/dev/null
+  log "smoke: the same with train.gradient_checkpointing (its losses should equal the run above)"
+  rm -rf /tmp/tiny-run-gc
+  timeout 300 $py -m opd_agents.cli train -c configs/tiny-test.yaml --set run_dir=/tmp/tiny-run-gc --set device=cuda \
+    --set student.model=$tiny --set teacher.model=$tiny --set train.gradient_checkpointing=true 2>&1 | tail -5
+  $py -c "import json; rows = [[json.loads(l).get('loss') for l in open(f'/tmp/{r}/metrics.jsonl')] for r in ('tiny-run', 'tiny-run-gc')]; print('losses plain / recomputed layers:', rows)"
   exit 0
 fi
 
