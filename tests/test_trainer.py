@@ -107,6 +107,22 @@ def test_lora_trains_only_the_adapter(tmp_path: Path, tiny_model_dir: Path, tiny
     assert ckpt is not None and (ckpt / "model" / "adapter_model.safetensors").is_file()
 
 
+def test_lora_with_recomputed_layers_trains_as_without(tmp_path: Path, tiny_model_dir: Path,
+                                                       tiny_teacher_dir: Path) -> None:
+    """LoRA freezes the embeddings, so the checkpointed layers' inputs carry no grad (non-reentrant
+    checkpointing needs none): the adapter learns the same with ``train.gradient_checkpointing``."""
+    after: dict[bool, dict[str, torch.Tensor]] = {}
+    for recompute in (False, True):
+        trainer = Trainer(tiny_cfg(tmp_path / str(recompute), tiny_model_dir, **{
+            "student.lora": {"r": 4, "alpha": 8}, "teacher.model": str(tiny_teacher_dir),
+            "train.gradient_checkpointing": recompute}))
+        before = params(trainer.student)
+        trainer.train()
+        after[recompute] = params(trainer.student)
+    moved = max((after[False][k] - before[k]).abs().max().item() for k in before)
+    assert max((after[True][k] - after[False][k]).abs().max().item() for k in before) <= 1e-6 < moved
+
+
 def test_off_policy_expert_batches_use_sft(tmp_path: Path, tiny_model_dir: Path) -> None:
     cfg = tiny_cfg(tmp_path, tiny_model_dir, **{"train.on_policy_fraction": 0.0,
                                                   "train.off_policy_source": "expert", "loss.kind": "reverse_kl"})
