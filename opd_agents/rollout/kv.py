@@ -125,8 +125,8 @@ class ReadOnlyLayer(DynamicLayer):
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        # Always a new tensor, as DynamicLayer's: the projections' keys are strided views, and attention over
-        # them (not over a contiguous copy) rounds differently in its backward.
+        # Always a new (contiguous) tensor, as DynamicLayer's: handing back the projections' own keys gave the
+        # same forward but bf16 gradients that differed in rounding (measured against DynamicCache).
         self.last = (torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2))
         return self.last
 
