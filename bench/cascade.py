@@ -22,8 +22,35 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from opd_agents.training.divergence import divergence_table, first_failing_turn, turn_divergence
 from opd_agents.store import iter_trajectories
+from opd_agents.training.divergence import divergence_table, first_failing_turn, repeated_calls, turn_divergence
+from opd_agents.types import Trajectory
+
+
+def print_repeats(trajs: list[Trajectory], max_turns: int) -> None:
+    """Share of turns whose tool calls repeat an earlier turn's exactly, by quarter of the horizon, and mean
+    d_k of repeated vs new calls: a student stuck in a loop is copied by the teacher as well, so low d_k late in
+    an episode can mean agreement on the loop rather than recovery."""
+    window = max(1, -(-max_turns // 4))
+    repeats: dict[int, list[bool]] = defaultdict(list)
+    d_by_kind: dict[str, list[float]] = defaultdict(list)
+    for t in trajs:
+        for turn, repeated in zip(t.turns, repeated_calls(t), strict=True):
+            if repeated is None:
+                continue
+            repeats[turn.index // window].append(repeated)
+            if (d := turn_divergence(turn)) is not None:
+                d_by_kind["repeated" if repeated else "new"].append(d)
+    if not repeats:
+        return
+    print(f"\n{'turns':>34} | {'repeat an earlier call':>22} {'n':>5}")
+    for w in sorted(repeats):
+        share = sum(repeats[w]) / len(repeats[w])
+        print(f"{f'{w * window + 1}-{(w + 1) * window}':>34} | {share:>22.2f} {len(repeats[w]):>5}")
+    print(f"\n{'tool call':>34} | {'mean d_k':>8} {'n':>5}")
+    for kind in ("new", "repeated"):
+        if d_by_kind[kind]:
+            print(f"{kind:>34} | {statistics.mean(d_by_kind[kind]):>8.3f} {len(d_by_kind[kind]):>5}")
 
 
 def main() -> None:
@@ -80,12 +107,12 @@ def main() -> None:
         print(f"\n{'Turn.outcome':>34} | {'mean d_k':>8} {'n':>5}")
         for o in sorted(by_outcome):
             print(f"{o:>34} | {statistics.mean(by_outcome[o]):>8.3f} {len(by_outcome[o]):>5}")
+    print_repeats(trajs, args.max_turns)
     if args.plot:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
         from matplotlib.ticker import MaxNLocator
 
         fig, (ax, ax_off) = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)

@@ -9,10 +9,16 @@ from collections.abc import Sequence
 import pytest
 from pydantic import ValidationError
 
-from opd_agents.training.divergence import annotate_turns, divergence_table, first_failing_turn, step_divergence_metrics
+from opd_agents.training.divergence import (
+    annotate_turns,
+    divergence_table,
+    first_failing_turn,
+    repeated_calls,
+    step_divergence_metrics,
+)
 from opd_agents.training.policies import DivergencePolicyConfig
 from opd_agents.training.policies.sod import sod_weights
-from opd_agents.types import ErrorType, StopReason, ToolResult, Trajectory, Turn, TurnOutcome
+from opd_agents.types import ErrorType, StopReason, ToolCall, ToolResult, Trajectory, Turn, TurnOutcome
 
 E = ErrorType
 
@@ -79,6 +85,25 @@ def test_annotate_no_error_and_misaligned_logprobs() -> None:
     assert traj.metrics["first_error_turn"] == -1.0 and traj.turns[0].divergence == 0.0
     with pytest.raises(ValueError, match="teacher_logprobs"):
         annotate_turns(make_traj([make_turn(0, [-1.0, -2.0], [-1.0])]))
+
+
+def test_repeated_calls_and_their_step_metrics() -> None:
+    def turn(index: int, d: float | None, *calls: tuple[str, dict[str, object]]) -> Turn:
+        t = make_turn(index, [-1.0], d=d)
+        t.tool_calls = [ToolCall(name=n, arguments=a) for n, a in calls]
+        return t
+
+    go_east, take_key = ("act", {"command": "go east"}), ("act", {"command": "take key"})
+    looping = make_traj([turn(0, 0.4, go_east), turn(1, 0.2, take_key), turn(2, 0.05, go_east),
+                         turn(3, None), turn(4, 0.1, take_key, go_east), turn(5, None, take_key)])
+    # The same command with other arguments, and the same calls in another order, are new calls.
+    assert repeated_calls(looping) == [False, False, True, None, False, True]
+    other = make_traj([turn(0, 0.3, ("act", {"command": "go west"})), turn(1, 0.5, ("look", {}))])
+    m = step_divergence_metrics([looping, other])
+    assert m["div/repeat_share"] == pytest.approx(2 / 7)  # 7 turns with calls, 2 repeat an earlier one
+    assert m["div/d_repeated_call"] == pytest.approx(0.05)  # turn 5 is unscored: counted, no d
+    assert m["div/d_new_call"] == pytest.approx((0.4 + 0.2 + 0.1 + 0.3 + 0.5) / 5)
+    assert "div/repeat_share" not in step_divergence_metrics([make_traj([make_turn(0, [-1.0], d=0.1)])])
 
 
 def test_topk_mass_and_entropy() -> None:

@@ -194,7 +194,7 @@ def div_metrics_section(rows: list[dict[str, Any]]) -> str:
     turn_keys = sorted((k for k in keys if re.fullmatch(r"div/d_turn_\d+", k)), key=lambda k: int(k.rsplit("_", 1)[1]))
     panels = [("d_k around tool errors", ["div/d_before_error", "div/d_error_turn", "div/d_after_error",
                                           "div/d_no_error"]),
-              ("cascade & truncation", ["div/cascade_rate", "div/truncated_share"])]
+              ("cascade, truncation, loops", ["div/cascade_rate", "div/truncated_share", "div/repeat_share"])]
     fig, axes = figure(3)
     for ax, (title, names) in zip(axes, panels, strict=False):
         for key in names:

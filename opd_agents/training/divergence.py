@@ -16,6 +16,7 @@ Nothing here changes a weight: the training policies that act on these numbers l
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -54,6 +55,23 @@ def turn_divergence(turn: Turn) -> float | None:
         return turn.divergence
     diffs = _diffs(turn)
     return _mean([abs(x) for x in diffs]) if diffs else None
+
+
+def repeated_calls(traj: Trajectory) -> list[bool | None]:
+    """Per turn: do its tool calls (names and arguments, in order) repeat an earlier turn's exactly? None for a
+    turn without calls. A student stuck in a loop repeats itself, and a teacher reading that context predicts the
+    repetition as confidently as the student, so d_k falls on such turns: low late-episode divergence then
+    means agreement on the loop, not recovery (docs/divergence.md, TextWorld)."""
+    seen: set[str] = set()
+    out: list[bool | None] = []
+    for turn in traj.turns:
+        if not turn.tool_calls:
+            out.append(None)
+            continue
+        key = json.dumps([(c.name, c.arguments) for c in turn.tool_calls], sort_keys=True, default=str)
+        out.append(key in seen)
+        seen.add(key)
+    return out
 
 
 def _topk_stats(positions: Sequence[Sequence[float]]) -> tuple[float, float] | None:
@@ -133,17 +151,25 @@ def step_divergence_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
     ``div/cascade_n`` trajectories where that is defined (an error, the failing turn scored, at least one
     scored turn after it); left out when ``div/cascade_n`` is 0. Shares over trajectories:
     ``div/error_share``, ``div/truncated_share``, ``div/stop_{reason}`` ("none" when unset).
-    ``div/mean_weight``: mean ``turn.weight`` over all turns.
+    ``div/mean_weight``: mean ``turn.weight`` over all turns. ``div/repeat_share``: share of the turns with
+    tool calls whose calls repeat an earlier turn's exactly (``repeated_calls``: a looping student), and
+    ``div/d_repeated_call`` / ``div/d_new_call`` the mean d of those turns and of the others.
     """
     if not trajs:
         return {}
     by_turn: dict[int, list[float]] = {}
     groups: dict[str, list[float]] = {"before_error": [], "error_turn": [], "after_error": [], "no_error": []}
     cascades: list[bool] = []
+    repeat_flags: list[bool] = []  # per turn with tool calls: do they repeat an earlier turn's?
+    repeat_d: dict[bool, list[float]] = {True: [], False: []}
     for traj in trajs:
         first = first_failing_turn(traj)
-        for turn in traj.turns:
+        for turn, repeated in zip(traj.turns, repeated_calls(traj), strict=True):
             d = turn_divergence(turn)
+            if repeated is not None:
+                repeat_flags.append(repeated)
+                if d is not None:
+                    repeat_d[repeated].append(d)
             if d is None:
                 continue
             by_turn.setdefault(turn.index, []).append(d)
@@ -159,6 +185,9 @@ def step_divergence_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
     out["div/cascade_n"] = float(len(cascades))
     if cascades:
         out["div/cascade_rate"] = sum(cascades) / len(cascades)
+    if repeat_flags:
+        out["div/repeat_share"] = sum(repeat_flags) / len(repeat_flags)
+    out |= {f"div/d_{'repeated' if r else 'new'}_call": sum(v) / len(v) for r, v in repeat_d.items() if v}
     n = len(trajs)
     out["div/error_share"] = sum(first_failing_turn(t) is not None for t in trajs) / n
     out["div/truncated_share"] = sum(t.truncated for t in trajs) / n
