@@ -3,6 +3,7 @@
     python bench/ablation.py --seeds 0 1 2 --jobs 2                       # Arithmetic grid (docs/divergence.md)
     python bench/ablation.py --grid textworld --seeds 0 --jobs 2          # TextWorld screen: every variant, 1 seed
     python bench/ablation.py --grid textworld --seeds 1 2 --variants plain sod iw-opd off-plan --jobs 2
+    python bench/ablation.py --table-from docs/results/tw-ablation/ablation-2026-12-01-teacherB.json  # tables only
 
 Every run is `opd-agents train -c CONFIG --set seed=S --set run_dir=OUT/VARIANT-sS` plus the variant's
 `--set divergence.…` overrides, so any single cell can be rerun by hand. Prerequisites are made here when
@@ -227,7 +228,25 @@ def table(records: dict[str, list[dict[str, Any]]], before: dict[str, Any], befo
             f"{statistics.mean(r['stop_parse_error'] for r in recs):.3f} "
             f"| {statistics.mean(r['mean_weight'] for r in recs):.3f} "
             f"| {statistics.mean(r['step_s'] for r in recs):.1f} | {statistics.mean(r['wall_s'] for r in recs):.0f} |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", paired_table(records)])
+
+
+def paired_table(records: dict[str, list[dict[str, Any]]], baseline: str = "plain") -> str:
+    """Each variant minus the baseline on the seeds both have run (same seed = same task draws and sampling
+    seed): held-out success and teacher NLL. Pairing removes the seed-to-seed spread both share."""
+    base = {r["seed"]: r for r in records.get(baseline, [])}
+    lines = [f"| variant − {baseline}, same seeds | seeds | held-out success Δ (mean) | per seed | "
+             "held-out teacher NLL Δ (mean) | per seed |", "|---|---|---|---|---|---|"]
+    for variant, recs in records.items():
+        pairs = [(r, base[r["seed"]]) for r in recs if variant != baseline and r["seed"] in base]
+        if not pairs:
+            continue
+        wins = [r["after"] - b["after"] for r, b in pairs]
+        nll = [r["heldout_teacher_nll"] - b["heldout_teacher_nll"] for r, b in pairs]
+        lines.append(f"| {variant} | {', '.join(str(r['seed']) for r, _ in pairs)} | {statistics.mean(wins):+.3f} "
+                     f"| {', '.join(f'{w:+.3f}' for w in wins)} | {statistics.mean(nll):+.4f} "
+                     f"| {', '.join(f'{x:+.4f}' for x in nll)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def report(grid: Grid, out: Path, before: dict[str, Any], cfg: Any) -> str:
@@ -254,7 +273,13 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", help="default: all of the grid's")
     ap.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
     ap.add_argument("--out", type=Path, help="default: runs/ablation (arithmetic), runs/tw-ablation (textworld)")
+    ap.add_argument("--table-from", type=Path, metavar="ABLATION_JSON",
+                    help="print the tables of a finished grid's OUT/ablation.json and run nothing")
     args = ap.parse_args()
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())
+        print(table(saved["runs"], saved["before"], saved["before_teacher_nll"]))
+        return
     grid = GRIDS[args.grid]
     variants = args.variants or list(grid.variants)
     if unknown := sorted(set(variants) - set(grid.variants)):
