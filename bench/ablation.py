@@ -235,8 +235,8 @@ def paired_table(records: dict[str, list[dict[str, Any]]], baseline: str = "plai
     """Each variant minus the baseline on the seeds both have run (same seed = same task draws and sampling
     seed): held-out success and teacher NLL. Pairing removes the seed-to-seed spread both share."""
     base = {r["seed"]: r for r in records.get(baseline, [])}
-    lines = [f"| variant − {baseline}, same seeds | seeds | held-out success Δ (mean) | per seed | "
-             "held-out teacher NLL Δ (mean) | per seed |", "|---|---|---|---|---|---|"]
+    lines = [(f"| variant − {baseline}, same seeds | seeds | held-out success Δ (mean) | per seed | "
+              "held-out teacher NLL Δ (mean) | per seed |"), "|---|---|---|---|---|---|"]
     for variant, recs in records.items():
         pairs = [(r, base[r["seed"]]) for r in recs if variant != baseline and r["seed"] in base]
         if not pairs:
