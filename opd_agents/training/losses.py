@@ -281,7 +281,6 @@ def generalized_jsd_loss(
     both endpoints are special-cased because the mixture formula itself goes to 0 there. For
     0 < beta < 1 the value is at most the binary entropy of beta (<= log 2).
     """
-    _check_beta(beta)
     per_token = _full_vocab(lambda logp_s, logp_t: _generalized_jsd(logp_s, logp_t, beta), student_logits,
                             teacher_logits, temperature)
     return _divergence_output(per_token, mask, weights)
