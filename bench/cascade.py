@@ -53,6 +53,34 @@ def print_repeats(trajs: list[Trajectory], max_turns: int) -> None:
             print(f"{kind:>34} | {statistics.mean(d_by_kind[kind]):>8.3f} {len(d_by_kind[kind]):>5}")
 
 
+def print_signal_share(trajs: list[Trajectory]) -> None:
+    """Where the teacher's per-token signal sits: shares of sum |log pi_S - log pi_T| over all scored tokens
+    (d_k x tokens per turn) before, at and after each trajectory's first failing turn, and in repeated calls --
+    what a policy that cuts after the first failing turn, or one that masks repeats, would take out of the loss."""
+    mass: dict[str, float] = defaultdict(float)
+    tokens: dict[str, int] = defaultdict(int)
+    for t in trajs:
+        first = first_failing_turn(t)
+        for turn, repeated in zip(t.turns, repeated_calls(t), strict=True):
+            if (d := turn_divergence(turn)) is None:
+                continue
+            n = len(turn.sampling_logprobs)
+            where = ("no failing turn" if first is None else "before the first failing turn" if turn.index < first
+                     else "at it" if turn.index == first else "after it")
+            for key in (where, "repeated calls") if repeated else (where,):
+                mass[key] += d * n
+                tokens[key] += n
+            mass["all"] += d * n
+            tokens["all"] += n
+    if not mass["all"]:
+        return
+    title = "share of sum |log pi_S - log pi_T| over scored tokens"
+    print(f"\n{title:>52} | {'share':>5} {'tokens':>6}")
+    for key in ("before the first failing turn", "at it", "after it", "no failing turn", "repeated calls"):
+        if tokens[key]:
+            print(f"{key:>52} | {mass[key] / mass['all']:>5.2f} {tokens[key] / tokens['all']:>6.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trajectories", type=Path, nargs="+")
@@ -108,6 +136,7 @@ def main() -> None:
         for o in sorted(by_outcome):
             print(f"{o:>34} | {statistics.mean(by_outcome[o]):>8.3f} {len(by_outcome[o]):>5}")
     print_repeats(trajs, args.max_turns)
+    print_signal_share(trajs)
     if args.plot:
         import matplotlib
 
