@@ -9,7 +9,10 @@ off_plan when the env reports outcomes (TextWorld-v0), else the first turn whose
 
 Besides d_k by absolute turn index it prints d_k aligned on each trajectory's first failing turn
 (offset 0 = the first failing turn), which shows directly whether divergence grows after it, and, when the env
-reports ``Turn.outcome``, the same restricted to turns whose own outcome is ok, and mean d_k by outcome.
+reports ``Turn.outcome``, the same restricted to turns whose own outcome is ok, and mean d_k by outcome. Then
+loops: the share of turns whose tool calls repeat an earlier turn's exactly, by quarter of ``--max-turns``, with
+mean d_k of repeated vs new calls; and where the teacher's signal sits: the shares of sum |log pi_S - log pi_T|
+before, at and after the first failing turn and in repeated calls.
 
 Training runs write scored trajectories (teacher logprobs and d_k on every turn) to RUN_DIR/trajectories.jsonl;
 `opd-agents score` scores any other trajectory file.
