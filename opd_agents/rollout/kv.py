@@ -113,13 +113,9 @@ def _fill(cache: DynamicCache, layer_class: type[DynamicLayer],
 
 class ReadOnlyLayer(DynamicLayer):
     """A layer's cache that a forward attends to but does not grow: ``update`` returns the cached keys/values
-    followed by the new ones (kept as ``last``) and leaves the cache as it was. Running the same layer on the
-    same input twice then gives the same result, which a layer recomputed under activation checkpointing
-    needs (a ``DynamicLayer`` would append the chunk a second time)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+    followed by the new ones and leaves the cache as it was. Running the same layer on the same input twice
+    then gives the same result, which a layer recomputed under activation checkpointing needs (a
+    ``DynamicLayer`` would append the chunk a second time)."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,15 +123,30 @@ class ReadOnlyLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         # Always a new (contiguous) tensor, as DynamicLayer's: handing back the projections' own keys gave the
         # same forward but bf16 gradients that differed in rounding (measured against DynamicCache).
-        self.last = (torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2))
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+class RecordingLayer(ReadOnlyLayer):
+    """A ``ReadOnlyLayer`` that also keeps what its last ``update`` returned (``last``): how ``run_prefix``
+    takes a prefix's keys/values out of a forward whose layers may be recomputed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        self.last = super().update(key_states, value_states)
         return self.last
 
 
 class ReadOnlyCache(DynamicCache):
-    """A ``DynamicCache`` of ``ReadOnlyLayer``s over per-layer (keys, values) (none: an empty past)."""
+    """A ``DynamicCache`` of ``layer_class`` layers (``ReadOnlyLayer``s) over per-layer (keys, values) (none: an
+    empty past)."""
 
-    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
-        _fill(self, ReadOnlyLayer, layers)
+    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+                 layer_class: type[ReadOnlyLayer] = ReadOnlyLayer) -> None:
+        _fill(self, layer_class, layers)
 
 
 def _right_aligned(parts: Sequence[torch.Tensor], width: int, dim: int) -> torch.Tensor:
@@ -286,7 +297,7 @@ def weights_version(model: torch.nn.Module) -> int:
 def run_prefix(module: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> KVSession:
     """``ids`` [1, n] through ``module`` (a causal LM or its decoder); their keys/values as a session (in the
     autograd graph when grad is on; the layers may be checkpointed: the cache only records)."""
-    cache = ReadOnlyCache()
+    cache = ReadOnlyCache(layer_class=RecordingLayer)
     head_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(module.forward).parameters else {}
     # use_cache=False: ours is read anyway, and a checkpointed model would warn that it turned caching off
     module(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=False, **head_kwargs)
