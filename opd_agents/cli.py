@@ -112,13 +112,13 @@ def rollout(
         if expert:
             trajs = play_expert(lambda: make_env(env, **env_kwargs).unwrapped, seeds, env_id=env)
         else:
-            from opd_agents.models import load_model, load_tokenizer, resolve_model
-            from opd_agents.training.components import pick_device
             from opd_agents.env.parsers import get_parser
+            from opd_agents.models import load_model, load_tokenizer, resolve_model
             from opd_agents.rollout.chat_template import template_parser
+            from opd_agents.rollout.engine import check_engine, make_engine
             from opd_agents.rollout.renderer import make_renderer
             from opd_agents.rollout.runner import Rollout
-            from opd_agents.rollout.engine import check_engine, make_engine
+            from opd_agents.training.components import pick_device
             from opd_agents.types import SamplingParams
 
             check_engine(engine)  # before the model loads
@@ -130,8 +130,10 @@ def rollout(
                 env_kwargs["parser"] = family  # the call format the model's template teaches
             renderer = make_renderer(tok, get_parser(env_kwargs["parser"]), chat_template)  # type: ignore[arg-type]
             server = {"api_base": api_base} if engine == "vllm_server" else {}
-            # the weights stay fp32; the engine computes in bf16 (as training's bf16-mixed samples)
-            _, _, compute_dtype = pick_device("cpu", "bf16-mixed" if dtype == "bfloat16" else dtype)
+            # The weights stay fp32; the engine computes in bf16 (as training's bf16-mixed samples). "auto" is
+            # resolved for the device the engine runs on: the HF model loads on the CPU, vLLM takes a GPU if any.
+            _, _, compute_dtype = pick_device("cpu" if engine == "hf" else "auto",
+                                              "bf16-mixed" if dtype == "bfloat16" else dtype)
             sampler = make_engine(engine, model=lm, renderer=renderer, compute_dtype=compute_dtype, **server)
             sampling = SamplingParams(temperature=temperature, max_tokens_per_turn=max_tokens_per_turn,
                                       seed=sample_seed)
